@@ -1,0 +1,37 @@
+"""What every stage's `main()` shares: logging set-up and turning known errors into exit codes.
+
+Reads and writes nothing itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from alexnet8.errors import PipelineError
+
+logger = logging.getLogger("alexnet8")
+
+
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser with the `--params` option every stage takes."""
+    argument_parser = argparse.ArgumentParser(description=description)
+    argument_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    return argument_parser
+
+
+def run(stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's main with logging; a PipelineError exits 1 with its message and no traceback."""
+    logging.basicConfig(
+        level=os.environ.get("ALEXNET8_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        stage(argv)
+    except PipelineError as error:
+        logger.error("%s", error)
+        sys.exit(1)

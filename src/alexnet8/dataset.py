@@ -1,0 +1,58 @@
+"""The prepared dataset's file layout, and loading it for training and evaluation.
+
+Reads: the folder written by the preprocess stage (`<split>_images.npy`, `<split>_labels.npy`,
+dataset.json). Writes: nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from alexnet8.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+DATASET_FILE = "dataset.json"
+
+
+def image_file(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def label_file(split: str) -> str:
+    return f"{split}_labels.npy"
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # float32, N x 32 x 32 x 3, memory-mapped read-only
+    labels: np.ndarray  # uint8, N
+
+
+def load_description(prepared_dir: str | Path) -> dict:
+    """dataset.json: class names, split sizes, normalization, archive md5."""
+    path = Path(prepared_dir) / DATASET_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run the preprocess stage first") from None
+
+
+def load_split(prepared_dir: str | Path, split: str) -> Split:
+    """Memory-map one split; the arrays are read from disk as they are used, not copied up front."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}, expected one of {SPLITS}")
+    prepared_dir = Path(prepared_dir)
+    try:
+        images = np.load(prepared_dir / image_file(split), mmap_mode="r")
+        labels = np.load(prepared_dir / label_file(split), mmap_mode="r")
+    except FileNotFoundError as error:
+        raise DataError(f"{error.filename} not found: run the preprocess stage first") from None
+    if images.dtype != np.float32 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+        raise DataError(f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}")
+    if len(labels) != len(images):
+        raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")
+    return Split(images=images, labels=labels)

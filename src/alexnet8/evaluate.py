@@ -1,0 +1,87 @@
+"""Stage `evaluate`: score the trained model on the test split.
+
+Reads: the model `--model`, the prepared folder `--data` (test split, class names), the run file
+`--run-file`; param `evaluate.batch_size`.
+Writes: `--metrics` (JSON: test accuracy, test loss, accuracy per class, for `dvc metrics`) and
+`--predictions` (CSV: actual and predicted class of every test image, the confusion matrix's
+source for `dvc plots` and the plot stage). Logs the test metrics into the training's MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+
+from alexnet8 import cli
+from alexnet8.dataset import Split, load_description, load_split
+from alexnet8.errors import DataError
+from alexnet8.files import atomic_path, write_json
+from alexnet8.params import load_params
+from alexnet8.tracking import resume_pipeline_run
+
+logger = logging.getLogger(__name__)
+
+
+def load_trained_model(path: str | Path) -> keras.Model:
+    """Load a `.keras` model in Keras' safe mode: a model file can not run arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the train stage first")
+    return keras.models.load_model(path, safe_mode=True)
+
+
+def evaluate_model(model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int) -> tuple[dict, np.ndarray]:
+    """Test loss, accuracy and per-class accuracy; and the predicted class of every image."""
+    images = np.asarray(split.images)
+    labels = np.asarray(split.labels).astype(np.int64)
+    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    predicted = probabilities.argmax(axis=1)
+    loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
+    per_class = {
+        name: float(np.mean(predicted[labels == index] == index)) if np.any(labels == index) else None
+        for index, name in enumerate(class_names)
+    }
+    metrics = {"accuracy": float(np.mean(predicted == labels)), "loss": loss, "per_class_accuracy": per_class}
+    return metrics, predicted
+
+
+def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> None:
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((class_names[actual], class_names[guess]) for actual, guess in zip(labels, predicted))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argument_parser = cli.parser(__doc__.splitlines()[0])
+    argument_parser.add_argument("--model", required=True, help="trained model (.keras)")
+    argument_parser.add_argument("--data", required=True, help="prepared dataset folder")
+    argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
+    argument_parser.add_argument("--metrics", required=True, help="test metrics JSON to write")
+    argument_parser.add_argument("--predictions", required=True, help="per-image predictions CSV to write")
+    arguments = argument_parser.parse_args(argv)
+    params = load_params(arguments.params)
+
+    class_names = load_description(arguments.data)["class_names"]
+    test_split = load_split(arguments.data, "test")
+    model = load_trained_model(arguments.model)
+    with resume_pipeline_run(arguments.run_file):
+        metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size)
+        write_json(arguments.metrics, metrics)
+        write_predictions(arguments.predictions, np.asarray(test_split.labels), predicted, class_names)
+        mlflow.log_metrics(
+            {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+            | {f"test_accuracy_{name}": value for name, value in metrics["per_class_accuracy"].items() if value is not None}
+        )
+        mlflow.log_artifact(arguments.metrics)
+    logger.info("test accuracy %.4f, test loss %.4f", metrics["accuracy"], metrics["loss"])
+
+
+if __name__ == "__main__":
+    cli.run(main)

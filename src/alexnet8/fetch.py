@@ -1,0 +1,109 @@
+"""Stage `fetch`: download the CIFAR-10 binary archive and verify its md5.
+
+Reads: params `fetch.url` (http, https, file URL or local path) and `fetch.md5`.
+Writes: the archive at `--out` (dvc.yaml gives the path), only once its md5 matches.
+
+The download streams into a temporary file beside the target, hashing as it goes, and is renamed
+into place only when complete and verified: an interrupted or corrupt download never leaves a file
+that the next stage would read. An archive already in place with the right md5 is not downloaded
+again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+from alexnet8 import cli
+from alexnet8.errors import DataError
+from alexnet8.files import atomic_path
+from alexnet8.params import FetchParams, load_params
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+TIMEOUT_SECONDS = 60
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open(url: str):
+    """Open `url` for reading; a plain path (no scheme) is a local file."""
+    scheme = urlparse(url).scheme
+    if not scheme or len(scheme) == 1:  # no scheme, or a Windows drive letter
+        return open(url, "rb"), Path(url).stat().st_size
+    response = urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS)  # noqa: S310 (scheme checked in params)
+    length = response.headers.get("Content-Length")
+    return response, int(length) if length else None
+
+
+def download(url: str, expected_md5: str, destination: str | Path) -> Path:
+    """Download `url` to `destination` and check its md5; skip when `destination` already matches.
+
+    Raises DataError naming the URL and the problem (unreachable, cut short, wrong md5); on any
+    failure `destination` is left as it was.
+    """
+    destination = Path(destination)
+    expected_md5 = expected_md5.lower()
+    if destination.is_file() and file_md5(destination) == expected_md5:
+        logger.info("%s is already there with md5 %s: not downloading", destination, expected_md5)
+        return destination
+
+    logger.info("downloading %s to %s", url, destination)
+    with atomic_path(destination) as temporary:
+        digest = hashlib.md5()
+        received = 0
+        try:
+            source, total = _open(url)
+            with source, open(temporary, "wb") as sink, tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, disable=None
+            ) as progress:
+                for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
+                    sink.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    progress.update(len(chunk))
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", None) or error
+            raise DataError(f"download of {url} failed after {received} bytes: {reason}") from error
+        if total is not None and received != total:
+            raise DataError(f"download of {url} was cut short: got {received} of {total} bytes")
+        actual_md5 = digest.hexdigest()
+        if actual_md5 != expected_md5:
+            raise DataError(
+                f"md5 mismatch for {url}: expected {expected_md5} (params fetch.md5), got {actual_md5}; "
+                f"{destination} was not written"
+            )
+    logger.info("wrote %s (%d bytes, md5 %s)", destination, received, actual_md5)
+    return destination
+
+
+def fetch(params: FetchParams, destination: str | Path) -> Path:
+    """The stage: the archive named by `params`, verified, at `destination`."""
+    return download(params.url, params.md5, destination)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argument_parser = cli.parser(__doc__.splitlines()[0])
+    argument_parser.add_argument("--out", required=True, help="where to write the archive")
+    arguments = argument_parser.parse_args(argv)
+    params = load_params(arguments.params)
+    fetch(params.fetch, arguments.out)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,48 @@
+"""AlexNet8 for 32 x 32 RGB images, layer for layer as in the original Keras script.
+
+Reads and writes nothing.
+
+The original (shared/reference/seed-alexnet8.txt) subclasses keras.Model; this is the same
+network as a functional model, so it has a summary before training, a fixed input signature for
+MLflow, and saves to a `.keras` file without custom objects. With 10 classes and 2048 dense
+units it has 9,639,178 parameters, as the original.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def build_alexnet8(num_classes: int = 10, dense_units: int = 2048, dropout: float = 0.5) -> keras.Model:
+    """AlexNet8: 5 convolutions (the first two batch-normalized), 3 max-pools, 3 dense layers, softmax output."""
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+    inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
+    x = layers.Conv2D(96, kernel_size=3, name="conv1")(inputs)
+    x = layers.BatchNormalization(name="conv1_batchnorm")(x)
+    x = layers.Activation("relu", name="conv1_relu")(x)
+    x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool1")(x)
+
+    x = layers.Conv2D(256, kernel_size=3, name="conv2")(x)
+    x = layers.BatchNormalization(name="conv2_batchnorm")(x)
+    x = layers.Activation("relu", name="conv2_relu")(x)
+    x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool2")(x)
+
+    x = layers.Conv2D(384, kernel_size=3, padding="same", activation="relu", name="conv3")(x)
+    x = layers.Conv2D(384, kernel_size=3, padding="same", activation="relu", name="conv4")(x)
+    x = layers.Conv2D(256, kernel_size=3, padding="same", activation="relu", name="conv5")(x)
+    x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool3")(x)
+
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(dense_units, activation="relu", name="dense1")(x)
+    x = layers.Dropout(dropout, name="dropout1")(x)
+    x = layers.Dense(dense_units, activation="relu", name="dense2")(x)
+    x = layers.Dropout(dropout, name="dropout2")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="class_probabilities")(x)
+    return keras.Model(inputs, outputs, name="alexnet8")

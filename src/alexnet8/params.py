@@ -1,0 +1,136 @@
+"""Load `params.yaml` and validate it, once, into typed, frozen objects.
+
+Reads: params.yaml (path given by the caller). Writes: nothing.
+
+Every stage calls `load_params` before doing any work, so a typo, a missing key or a value out
+of range stops the pipeline at once with an error naming the key, never an hour into training.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from alexnet8.errors import ParamsError
+
+SUPPORTED_URL_SCHEMES = ("http", "https", "file")
+
+
+def _number(value: object) -> object:
+    """Accept `1e-3` written in YAML: PyYAML reads it as a string (YAML 1.1), DVC writes a float."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+class _Section(BaseModel):
+    # strict: 5.0 is not an int and "5" is not an int; extra: a misspelt key is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class FetchParams(_Section):
+    url: str = Field(min_length=1)
+    md5: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{32}$")]
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, url: str) -> str:
+        scheme = urlparse(url).scheme
+        # A one-letter "scheme" is a Windows drive letter, i.e. a local path.
+        if scheme and len(scheme) > 1 and scheme not in SUPPORTED_URL_SCHEMES:
+            raise ValueError(
+                f"unsupported URL scheme {scheme!r}: use one of {', '.join(SUPPORTED_URL_SCHEMES)}, or a local path"
+            )
+        return url
+
+
+class PreprocessParams(_Section):
+    validation_fraction: Annotated[Number, Field(gt=0, lt=1)]
+    normalization: Literal["unit", "standardize"]
+
+
+class TrainParams(_Section):
+    epochs: Annotated[int, Field(gt=0)]
+    batch_size: Annotated[int, Field(gt=0)]
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: Annotated[Number, Field(gt=0)]
+    momentum: Annotated[Number, Field(ge=0, lt=1)]
+    dropout: Annotated[Number, Field(ge=0, lt=1)]
+    dense_units: Annotated[int, Field(gt=0)]
+
+
+class EvaluateParams(_Section):
+    batch_size: Annotated[int, Field(gt=0)]
+
+
+class MlflowParams(_Section):
+    experiment_name: str = Field(min_length=1)
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(ge=0)]
+    fetch: FetchParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    mlflow: MlflowParams
+
+    def flat(self) -> dict[str, object]:
+        """All params as `section.key` -> value, as `dvc params diff` names them."""
+        flat: dict[str, object] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, dict):
+                flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (misspelt? see params.yaml for the valid keys)"
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def parse_params(raw: object, source: str = "params.yaml") -> Params:
+    """Validate already-loaded YAML. Raises ParamsError listing every bad key."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        problems = "\n".join(f"  {_describe(item)}" for item in error.errors())
+        raise ParamsError(f"{source}: invalid params:\n{problems}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises ParamsError naming the file and the bad keys."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ParamsError(f"{path}: cannot read params file: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, source=str(path))
