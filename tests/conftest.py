@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny CIFAR-format archives, prepared data and a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cifar_archive import make_cifar_archive  # noqa: E402
+
+from alexnet8.params import load_params  # noqa: E402
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path, monkeypatch):
+    """Every test logs to its own SQLite store, never to the project's mlflow.db."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture
+def default_params():
+    return load_params(PROJECT_ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory) -> tuple[Path, str]:
+    """A valid CIFAR-10 binary archive with 100 training and 40 test images; (path, md5)."""
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-binary.tar.gz"
+    return path, make_cifar_archive(path, per_batch=20, test_count=40)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tiny_archive, tmp_path_factory) -> Path:
+    """The tiny archive after the preprocess stage at the default params."""
+    from alexnet8.preprocess import preprocess
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    preprocess(tiny_archive[0], out, params.preprocess, params.seed)
+    return out
+
+
+def write_params(path: Path, base: Path = PROJECT_ROOT / "params.yaml", **overrides: object) -> Path:
+    """Copy params.yaml to `path`, setting dotted keys: write_params(p, **{"train.epochs": 2})."""
+    import yaml
+
+    raw = yaml.safe_load(base.read_text())
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[key] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

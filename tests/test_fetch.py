@@ -1,0 +1,114 @@
+"""fetch: download (http, file URL, local path), md5 check, no partial file, no needless re-download."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+import pytest
+
+from alexnet8.errors import DataError
+from alexnet8.fetch import download, file_md5
+from alexnet8.fetch import main as fetch_main
+from conftest import write_params
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+class _Server:
+    """A local HTTP server on 127.0.0.1 that serves PAYLOAD, or cuts it short when told to."""
+
+    def __init__(self):
+        self.requests = 0
+        self.cut_after: int | None = None
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests += 1
+                if self.path != "/cifar.tar.gz":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(PAYLOAD)))
+                self.end_headers()
+                body = PAYLOAD if server.cut_after is None else PAYLOAD[: server.cut_after]
+                self.wfile.write(body)
+                self.wfile.flush()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/cifar.tar.gz"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    running = _Server()
+    yield running
+    running.close()
+
+
+def test_http_download_is_verified_and_complete(server, tmp_path):
+    target = tmp_path / "raw" / "cifar.tar.gz"
+    download(server.url, PAYLOAD_MD5, target)
+    assert target.read_bytes() == PAYLOAD
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cifar.tar.gz"]  # no temporary left behind
+
+
+def test_an_archive_already_there_is_not_downloaded_again(server, tmp_path):
+    target = tmp_path / "cifar.tar.gz"
+    download(server.url, PAYLOAD_MD5, target)
+    download(server.url, PAYLOAD_MD5.upper(), target)
+    assert server.requests == 1
+
+
+def test_md5_mismatch_names_both_checksums_and_writes_nothing(server, tmp_path):
+    target = tmp_path / "cifar.tar.gz"
+    wrong = "0" * 32
+    with pytest.raises(DataError) as error:
+        download(server.url, wrong, target)
+    assert f"expected {wrong}" in str(error.value) and f"got {PAYLOAD_MD5}" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_cut_short_leaves_nothing_and_a_retry_works(server, tmp_path):
+    target = tmp_path / "cifar.tar.gz"
+    server.cut_after = len(PAYLOAD) // 3
+    with pytest.raises(DataError, match="cut short|failed after"):
+        download(server.url, PAYLOAD_MD5, target)
+    assert list(tmp_path.iterdir()) == []
+    server.cut_after = None
+    download(server.url, PAYLOAD_MD5, target)
+    assert file_md5(target) == PAYLOAD_MD5
+
+
+def test_an_unreachable_url_is_named(server, tmp_path):
+    missing = server.url.replace("cifar.tar.gz", "missing.tar.gz")
+    with pytest.raises(DataError, match=f"download of {missing} failed"):
+        download(missing, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["local path", "file URL"])
+def test_local_archives_are_copied_and_verified(tmp_path, tiny_archive, as_url):
+    source, md5 = tiny_archive
+    target = tmp_path / "out" / "cifar.tar.gz"
+    download(source.as_uri() if as_url else str(source), md5, target)
+    assert file_md5(target) == md5
+
+
+def test_main_reads_url_and_md5_from_params(tmp_path, tiny_archive):
+    source, md5 = tiny_archive
+    params = write_params(tmp_path / "params.yaml", **{"fetch.url": str(source), "fetch.md5": md5})
+    target = tmp_path / "data" / "raw.tar.gz"
+    fetch_main(["--params", str(params), "--out", str(target)])
+    assert file_md5(target) == md5

@@ -1,0 +1,106 @@
+"""params.yaml is validated at load: every bad key fails before any work, naming the key."""
+
+import copy
+
+import pytest
+import yaml
+
+from alexnet8.errors import ParamsError
+from alexnet8.params import load_params, parse_params
+from conftest import PROJECT_ROOT
+
+DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+
+
+def test_the_shipped_params_are_the_original_scripts_defaults(default_params):
+    train = default_params.train
+    assert (train.optimizer, train.learning_rate, train.batch_size, train.epochs) == ("adam", 0.001, 32, 5)
+    assert (train.dropout, train.dense_units) == (0.5, 2048)
+    assert default_params.preprocess.normalization == "unit"
+    assert default_params.fetch.md5 == "c32a1d4ab5d03f1284b67883e8d87530"
+
+
+def test_flat_names_keys_as_dvc_does(default_params):
+    flat = default_params.flat()
+    assert flat["train.epochs"] == 5
+    assert flat["seed"] == 42
+    assert flat["mlflow.experiment_name"] == "alexnet8-cifar10"
+
+
+def test_exponent_notation_is_a_number():
+    raw = copy.deepcopy(DEFAULTS)
+    raw["train"]["learning_rate"] = "1e-3"  # PyYAML reads 1e-3 as a string
+    assert parse_params(raw).train.learning_rate == 0.001
+
+
+def _with(dotted, value):
+    raw = copy.deepcopy(DEFAULTS)
+    *sections, key = dotted.split(".")
+    target = raw
+    for section in sections:
+        target = target[section]
+    if value is _DELETE:
+        del target[key]
+    else:
+        target[key] = value
+    return raw
+
+
+_DELETE = object()
+
+BAD_PARAMS = [
+    # (key, value, what the message must say)
+    ("train.epochs", 0, "train.epochs: Input should be greater than 0"),
+    ("train.epochs", -3, "train.epochs: Input should be greater than 0"),
+    ("train.epochs", 2.5, "train.epochs: Input should be a valid integer"),
+    ("train.epochs", "five", "train.epochs: Input should be a valid integer"),
+    ("train.epochs", _DELETE, "train.epochs: missing"),
+    ("train.epoch", 5, "train.epoch: unknown key"),
+    ("train.batch_size", 0, "train.batch_size: Input should be greater than 0"),
+    ("train.learning_rate", 0, "train.learning_rate: Input should be greater than 0"),
+    ("train.learning_rate", -0.1, "train.learning_rate: Input should be greater than 0"),
+    ("train.learning_rate", "fast", "train.learning_rate: Value error, expected a number, got 'fast'"),
+    ("train.learning_rate", True, "train.learning_rate: Value error, expected a number, got a boolean"),
+    ("train.dropout", 1.0, "train.dropout: Input should be less than 1"),
+    ("train.dropout", -0.1, "train.dropout: Input should be greater than or equal to 0"),
+    ("train.optimizer", "adagrad", "train.optimizer: Input should be 'adam' or 'sgd'"),
+    ("preprocess.validation_fraction", 0, "preprocess.validation_fraction: Input should be greater than 0"),
+    ("preprocess.validation_fraction", 1.5, "preprocess.validation_fraction: Input should be less than 1"),
+    ("preprocess.normalization", "minmax", "preprocess.normalization: Input should be 'unit' or 'standardize'"),
+    ("fetch.md5", "abc", "fetch.md5: String should match pattern"),
+    ("fetch.md5", "z" * 32, "fetch.md5: String should match pattern"),
+    ("fetch.url", "ftp://example.org/cifar.tar.gz", "fetch.url: Value error, unsupported URL scheme 'ftp'"),
+    ("fetch.url", "", "fetch.url: String should have at least 1 character"),
+    ("seed", -1, "seed: Input should be greater than or equal to 0"),
+    ("mlflow", _DELETE, "mlflow: missing"),
+    ("extra_section", {}, "extra_section: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), BAD_PARAMS, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_PARAMS])
+def test_bad_params_fail_naming_the_key(key, value, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params(_with(key, value), source="params.yaml")
+    assert message in str(error.value)
+    assert str(error.value).startswith("params.yaml: invalid params:")
+
+
+def test_every_bad_key_is_reported_at_once():
+    raw = _with("train.epochs", 0)
+    raw["train"]["batch_size"] = -1
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert "train.epochs" in str(error.value) and "train.batch_size" in str(error.value)
+
+
+def test_missing_or_unparsable_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nowhere.yaml: cannot read params file"):
+        load_params(tmp_path / "nowhere.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="broken.yaml: not valid YAML"):
+        load_params(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ParamsError, match="expected a mapping of sections"):
+        load_params(scalar)

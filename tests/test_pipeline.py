@@ -1,0 +1,107 @@
+"""The real `dvc repro`, end to end, on a copy of the project pointed at a tiny archive."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT, write_params
+
+pytestmark = pytest.mark.slow
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    environment = dict(os.environ)
+    environment.pop("MLFLOW_TRACKING_URI", None)  # the project's default store, as a user has it
+    # Stages run `python -m alexnet8...`: this interpreter, and the copy's own source.
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    environment["PYTHONPATH"] = str(cwd / "src")
+    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_archive) -> Path:
+    """A git repository holding the project, its params pointed at the tiny archive, after one `dvc repro`."""
+    root = tmp_path_factory.mktemp("project")
+    for name in PROJECT_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    archive, md5 = tiny_archive
+    write_params(root / "params.yaml", **{
+        "fetch.url": archive.as_uri(), "fetch.md5": md5,
+        "train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64,
+    })
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "project"]):
+        _run(command, root)
+    _run(["dvc", "repro"], root)
+    return root
+
+
+def test_repro_writes_every_output(project):
+    for relative in ["data/raw/cifar-10-binary.tar.gz", "data/prepared/train_images.npy", "data/prepared/dataset.json",
+                     "models/model.keras", "models/mlflow_run.json", "reports/train_history.csv", "reports/train_metrics.json",
+                     "reports/test_metrics.json", "reports/test_predictions.csv",
+                     "reports/figures/training_curves.png", "reports/figures/confusion_matrix.png"]:
+        assert (project / relative).exists(), relative
+    assert (project / "mlflow.db").exists()
+
+
+def test_dvc_metrics_show_reports_test_and_training_metrics(project):
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project))
+    files = next(iter(shown.values()))["data"]  # keyed by revision; the workspace is ""
+    test_metrics = files["reports/test_metrics.json"]["data"]
+    assert 0 <= test_metrics["accuracy"] <= 1 and test_metrics["loss"] > 0
+    assert set(files["reports/train_metrics.json"]["data"]) == {"accuracy", "loss", "val_accuracy", "val_loss"}
+
+
+def test_dvc_plots_show_renders(project):
+    _run(["dvc", "plots", "show", "-o", "plots_html"], project)
+    page = (project / "plots_html" / "index.html").read_text()
+    assert "val_accuracy" in page and "val_loss" in page
+
+
+def test_mlflow_run_holds_the_whole_pipeline(project):
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["fetch.md5"] == run.data.tags["data.archive_md5"]
+    assert run.data.tags["mlflow.source.git.commit"] == _run(["git", "rev-parse", "HEAD"], project).strip()
+    for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
+    assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
+    assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
+        "figures/training_curves.png", "figures/confusion_matrix.png"}
+    [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    model = mlflow.pyfunc.load_model(logged.model_uri)
+    assert np.asarray(model.predict(np.zeros((2, 32, 32, 3), dtype=np.float32))).shape == (2, 10)
+
+
+def test_second_repro_runs_nothing(project):
+    output = _run(["dvc", "repro"], project)
+    assert "Running stage" not in output
+    assert "Data and pipelines are up to date" in output
+
+
+def test_an_edited_param_shows_in_params_diff_and_reruns_only_what_depends_on_it(project):
+    write_params(project / "params.yaml", base=project / "params.yaml", **{"train.epochs": 3})
+    diff = _run(["dvc", "params", "diff", "--json"], project)
+    assert json.loads(diff)["params.yaml"] == {"train.epochs": {"old": 2, "new": 3, "diff": 1}}
+    status = json.loads(_run(["dvc", "status", "--json"], project))
+    assert "train" in status and "fetch" not in status and "preprocess" not in status

@@ -1,0 +1,103 @@
+"""train -> evaluate -> plot on tiny prepared data: files written and what MLflow recorded."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from alexnet8.dataset import Split
+from alexnet8.errors import PipelineError
+from alexnet8.evaluate import main as evaluate_main
+from alexnet8.params import TrainParams
+from alexnet8.plot import main as plot_main
+from alexnet8.train import TrainingDiverged, train_model
+from alexnet8.train import main as train_main
+from conftest import write_params
+
+SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
+
+
+@pytest.fixture(scope="module")
+def pipeline_outputs(prepared_dir, tmp_path_factory):
+    """Run the three stages' main() once, as dvc would, into a fresh folder and MLflow store."""
+    folder = tmp_path_factory.mktemp("run")
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        params = write_params(folder / "params.yaml", **SMALL)
+        paths = {name: folder / relative for name, relative in {
+            "model": "models/model.keras", "run_file": "models/run.json", "history": "reports/history.csv",
+            "train_metrics": "reports/train.json", "test_metrics": "reports/test.json",
+            "predictions": "reports/predictions.csv", "curves": "reports/curves.png", "confusion": "reports/confusion.png",
+        }.items()}
+        common = ["--params", str(params), "--data", str(prepared_dir), "--run-file", str(paths["run_file"])]
+        train_main([*common, "--model", str(paths["model"]), "--history", str(paths["history"]), "--metrics", str(paths["train_metrics"])])
+        evaluate_main([*common, "--model", str(paths["model"]), "--metrics", str(paths["test_metrics"]), "--predictions", str(paths["predictions"])])
+        plot_main([*common, "--history", str(paths["history"]), "--predictions", str(paths["predictions"]), "--curves", str(paths["curves"]), "--confusion", str(paths["confusion"])])
+    return paths, tracking_uri
+
+
+def test_stages_write_their_files(pipeline_outputs):
+    paths, _ = pipeline_outputs
+    with open(paths["history"]) as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    assert set(rows[0]) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
+    test_metrics = json.loads(paths["test_metrics"].read_text())
+    assert set(test_metrics) == {"accuracy", "loss", "per_class_accuracy"} and len(test_metrics["per_class_accuracy"]) == 10
+    with open(paths["predictions"]) as stream:
+        assert len(list(csv.DictReader(stream))) == 40
+    for figure in ("curves", "confusion"):
+        assert paths[figure].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert keras.models.load_model(paths["model"]).count_params() > 0
+    leftovers = [path for path in paths["model"].parent.parent.rglob(".*") if path.is_file()]
+    assert leftovers == []  # no temporary files left behind
+
+
+def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipeline_outputs, prepared_dir):
+    paths, tracking_uri = pipeline_outputs
+    run_id = json.loads(paths["run_file"].read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.epochs"] == "2" and run.data.params["train.learning_rate"] == "0.001"
+    assert run.data.tags["data.archive_md5"] == json.loads((prepared_dir / "dataset.json").read_text())["archive_md5"]
+    for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
+    test_metrics = json.loads(paths["test_metrics"].read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
+    assert run.data.metrics["test_loss"] == pytest.approx(test_metrics["loss"])
+    assert not any(name.startswith("validation_") for name in run.data.metrics)  # no duplicate step-0 copies
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "figures")}
+    assert artifacts == {"figures/curves.png", "figures/confusion.png"}
+
+    mlflow.set_tracking_uri(tracking_uri)
+    [logged] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", experiment_ids=[run.info.experiment_id], output_format="list")
+    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
+    probabilities = mlflow.pyfunc.load_model(logged.model_uri).predict(images)
+    assert np.asarray(probabilities).shape == (3, 10)
+    assert mlflow.keras.load_model(logged.model_uri).count_params() == keras.models.load_model(paths["model"]).count_params()
+    signature = mlflow.models.get_model_info(logged.model_uri).signature
+    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
+
+
+def test_a_diverging_loss_stops_training_and_fails_the_run(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.random((8, 32, 32, 3), dtype=np.float32)
+    images[0, 0, 0, 0] = np.nan  # poisons the first step's loss
+    split = Split(images=images, labels=np.arange(8, dtype=np.uint8) % 10)
+    params = TrainParams(epochs=3, batch_size=8, optimizer="adam", learning_rate=0.001, momentum=0.0, dropout=0.5, dense_units=16)
+    with pytest.raises(TrainingDiverged, match="the loss became nan"):
+        train_model(params, 0, split, split, num_classes=10, history_path=tmp_path / "history.csv")
+
+
+def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tmp_path):
+    params = write_params(tmp_path / "params.yaml", **SMALL)
+    with pytest.raises(PipelineError, match="not found: run the train stage first"):
+        evaluate_main(["--params", str(params), "--data", str(prepared_dir), "--run-file", str(tmp_path / "missing.json"),
+                       "--model", str(tmp_path / "missing.keras"), "--metrics", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p.csv")])
