@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -30,8 +31,18 @@ def run(stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | Non
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # SIGTERM (what `kill` and most schedulers send) unwinds like Ctrl-C, so MLflow runs are
+    # ended as KILLED and temporary files removed; SIGKILL can not be caught.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         stage(argv)
     except PipelineError as error:
         logger.error("%s", error)
         sys.exit(1)
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the stage again (`dvc repro`) to resume training from the last completed epoch")
+        sys.exit(130)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")

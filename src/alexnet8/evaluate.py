@@ -33,7 +33,10 @@ def load_trained_model(path: str | Path) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: run the train stage first")
-    return keras.models.load_model(path, safe_mode=True)
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except (ValueError, OSError) as error:
+        raise DataError(f"{path}: cannot load the model (Keras safe mode refuses code in model files): {error}") from None
 
 
 def evaluate_model(model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int) -> tuple[dict, np.ndarray]:

@@ -44,5 +44,6 @@ def build_alexnet8(num_classes: int = 10, dense_units: int = 2048, dropout: floa
     x = layers.Dropout(dropout, name="dropout1")(x)
     x = layers.Dense(dense_units, activation="relu", name="dense2")(x)
     x = layers.Dropout(dropout, name="dropout2")(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="class_probabilities")(x)
+    # float32 probabilities even under a mixed-precision policy, where float16 softmax loses accuracy.
+    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="class_probabilities")(x)
     return keras.Model(inputs, outputs, name="alexnet8")

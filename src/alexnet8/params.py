@@ -72,6 +72,9 @@ class TrainParams(_Section):
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
+    jit_compile: bool
+    mixed_precision: bool
+    deterministic: bool
 
 
 class EvaluateParams(_Section):

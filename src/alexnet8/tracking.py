@@ -15,8 +15,11 @@ import contextlib
 import json
 import logging
 import os
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -27,30 +30,80 @@ from alexnet8.files import write_json
 logger = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def start_pipeline_run(experiment_name: str, run_name: str, run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
-    """Start (or, under `mlflow run`, continue) the pipeline's run and record it in `run_file`.
+SERVER_TIMEOUT_SECONDS = 5
 
-    An exception inside the block ends the run as FAILED; the run file is written only on success,
-    so later stages never log into a failed run.
+
+def check_tracking_server() -> None:
+    """Fail within seconds if the tracking URI is a server that does not answer.
+
+    MLflow's client retries with backoff for minutes; without this check a dead server would
+    surface only after training, when the model is logged.
     """
+    uri = mlflow.get_tracking_uri()
+    if urlparse(uri).scheme not in ("http", "https"):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
+    except urllib.error.HTTPError:
+        pass  # it answered (perhaps asking for credentials): the server is there
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise PipelineError(
+            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer: {reason}. "
+            "Start it, or unset MLFLOW_TRACKING_URI to log to ./mlflow.db"
+        ) from None
+
+
+def _recorded_run_id(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["run_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _start_or_resume(experiment_name: str, run_name: str, resume_from: Path | None) -> mlflow.ActiveRun:
     if os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run` made the run in its own experiment; setting ours would conflict with it.
-        run = mlflow.start_run()
-    else:
-        mlflow.set_experiment(experiment_name)
-        run = mlflow.start_run(run_name=run_name)
-    with run:
-        logger.info("MLflow run %s in experiment %s at %s", run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri())
-        yield run
-        write_json(
-            run_file,
-            {
-                "run_id": run.info.run_id,
-                "experiment_id": run.info.experiment_id,
-                "tracking_uri": mlflow.get_tracking_uri(),
-            },
-        )
+        return mlflow.start_run()
+    interrupted = _recorded_run_id(resume_from) if resume_from else None
+    if interrupted:
+        try:
+            run = mlflow.start_run(run_id=interrupted)
+            logger.info("continuing the interrupted MLflow run %s", interrupted)
+            return run
+        except MlflowException as error:
+            logger.warning("cannot continue MLflow run %s (%s): starting a new one", interrupted, error.message)
+    mlflow.set_experiment(experiment_name)
+    return mlflow.start_run(run_name=run_name)
+
+
+@contextlib.contextmanager
+def start_pipeline_run(
+    experiment_name: str, run_name: str, run_file: str | Path, resume_from: str | Path | None = None
+) -> Iterator[mlflow.ActiveRun]:
+    """Start the pipeline's run (or continue an interrupted one) and record it in `run_file`.
+
+    `resume_from` names a file in the training's backup folder: if it names a run, that run is
+    continued, so an interrupted and resumed training is one MLflow run; the new run's id is
+    written there at once. An exception inside the block ends the run as FAILED, an interrupt
+    (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so later stages never log
+    into a failed run.
+    """
+    resume_from = Path(resume_from) if resume_from else None
+    run = _start_or_resume(experiment_name, run_name, resume_from)
+    try:
+        with run:
+            logger.info(
+                "MLflow run %s in experiment %s at %s", run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri()
+            )
+            record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+            if resume_from:
+                write_json(resume_from, record)
+            yield run
+            write_json(run_file, record)
+    except KeyboardInterrupt:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        raise
 
 
 @contextlib.contextmanager

@@ -10,8 +10,13 @@ validation, step = epoch), the model with a signature and an input example, and 
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import json
 import logging
+import math
 import os
+import shutil
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +33,7 @@ from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.model import build_alexnet8
 from alexnet8.params import Params, TrainParams, load_params
-from alexnet8.tracking import start_pipeline_run
+from alexnet8.tracking import check_tracking_server, start_pipeline_run
 
 logger = logging.getLogger(__name__)
 
@@ -38,30 +43,90 @@ class TrainingDiverged(PipelineError):
 
 
 class EpochMetricsToMlflow(mlflow.keras.MlflowCallback):
-    """MLflow's Keras callback, logging once per epoch only.
+    """MLflow's Keras callback, made exact for resumed training: each epoch is logged once, as step = epoch.
 
-    During `fit`, Keras also calls `on_test_end` after each validation pass; MLflow's callback
-    logs those as `validation_*` at step 0 every epoch, duplicating the `val_*` metrics that
-    `on_epoch_end` already logs with step = epoch.
+    - During `fit`, Keras also calls `on_test_end` after each validation pass; MLflow's callback
+      logs those as `validation_*` at step 0 every epoch, duplicating `val_*`: not logged here.
+    - Epochs are logged synchronously after the checkpoint is saved (this callback comes last).
+      If the process dies between the two, the resumed run logs the missing epochs from the
+      history CSV at its start, so MLflow never misses nor repeats an epoch.
     """
+
+    def __init__(self, history_path: str | Path):
+        super().__init__()
+        self.history_path = Path(history_path)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if not self.history_path.exists():
+            return
+        run_id = mlflow.active_run().info.run_id
+        logged = {point.step for point in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
+        for epoch, row in enumerate(read_history_rows(self.history_path)):
+            if epoch not in logged:
+                mlflow.log_metrics(row, step=epoch, synchronous=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        mlflow.log_metrics(logs, step=epoch, synchronous=True)
 
     def on_test_end(self, logs=None):
         pass
 
 
-def make_dataset(split: Split, batch_size: int, shuffle: bool, seed: int) -> tf.data.Dataset:
-    """Batches of (images, labels); with `shuffle`, a fresh seeded order every epoch, as `model.fit(shuffle=True)`."""
-    # One in-memory float32 copy; batches are gathered by index, so shuffling never copies images.
+class RandomStateBackup(keras.callbacks.Callback):
+    """Saves and restores the dropout layers' random state beside BackupAndRestore's checkpoint.
+
+    Keras' weight files leave out SeedGenerator states, so a resumed run would draw other dropout
+    masks than an uninterrupted one; with this, the two are bit-identical.
+    """
+
+    def __init__(self, backup_dir: str | Path):
+        super().__init__()
+        self.path = Path(backup_dir) / "random_state.npz"
+
+    def _states(self):
+        # Keyed by layer name: variable paths get process-wide counters and change between builds.
+        return {layer.name: layer.seed_generator.state for layer in self.model.layers if hasattr(layer, "seed_generator")}
+
+    def on_train_begin(self, logs=None):
+        if self.path.exists():
+            saved = np.load(self.path)
+            for name, variable in self._states().items():
+                variable.assign(saved[name])
+
+    def on_epoch_end(self, epoch, logs=None):
+        with atomic_path(self.path, suffix=".npz") as temporary:
+            np.savez(temporary, **{name: np.asarray(variable) for name, variable in self._states().items()})
+
+
+def make_dataset(
+    split: Split, batch_size: int, shuffle_seed: int | None = None, first_epoch: int = 0
+) -> tf.data.Dataset:
+    """Batches of (images, labels) from one in-memory copy of the split, gathered by index.
+
+    With `shuffle_seed`, the stream never ends and epoch e is a fresh permutation that depends
+    only on (seed, e), as `model.fit(shuffle=True)` but stateless: training resumed at epoch k
+    sees exactly the batches an uninterrupted run would (fit with `steps_per_epoch`). Without it,
+    one pass in order.
+    """
     images = tf.constant(np.asarray(split.images))
     labels = tf.constant(np.asarray(split.labels))
-    indices = tf.data.Dataset.range(len(split.labels))
-    if shuffle:
-        indices = indices.shuffle(len(split.labels), seed=seed, reshuffle_each_iteration=True)
-    return (
-        indices.batch(batch_size)
-        .map(lambda index: (tf.gather(images, index), tf.gather(labels, index)), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    count = len(split.labels)
+
+    def gather(index):
+        return tf.gather(images, index), tf.gather(labels, index)
+
+    if shuffle_seed is None:
+        indices = tf.data.Dataset.range(count).batch(batch_size)
+    else:
+        def epoch_batches(epoch):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(shuffle_seed, tf.int64), epoch])
+            )
+            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+        indices = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
+    return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def make_optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
@@ -76,8 +141,34 @@ def build_compiled_model(params: TrainParams, num_classes: int) -> keras.Model:
         optimizer=make_optimizer(params),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=params.jit_compile,
     )
     return model
+
+
+def completed_epochs(backup_dir: str | Path) -> int:
+    """Epochs finished by an interrupted run whose BackupAndRestore state is in `backup_dir` (0 if none)."""
+    metadata = Path(backup_dir) / "training_metadata.json"
+    try:
+        return int(json.loads(metadata.read_text())["epoch"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineError(f"{metadata}: unreadable training state ({error}); delete {backup_dir} to start over") from None
+
+
+def read_history_rows(path: str | Path) -> list[dict[str, float]]:
+    """Keras CSVLogger's file as one {metric: value} per epoch."""
+    with open(path, newline="", encoding="utf-8") as stream:
+        return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in csv.DictReader(stream)]
+
+
+def keep_history_rows(path: Path, epochs: int) -> None:
+    """Cut the history CSV to its first `epochs` rows: an epoch redone after a crash is not listed twice."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        with atomic_path(path) as temporary:
+            temporary.write_text("".join(lines[: 1 + epochs]), encoding="utf-8")
 
 
 def train_model(
@@ -86,30 +177,57 @@ def train_model(
     train_split: Split,
     validation_split: Split,
     num_classes: int,
-    history_path: str | Path,
+    backup_dir: str | Path,
+    log_to_mlflow: bool = False,
     callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Build, compile and fit AlexNet8; the history CSV is written epoch by epoch. Returns model and history."""
+    """Build, compile and fit AlexNet8, resuming from `backup_dir` if an earlier run was interrupted.
+
+    `backup_dir` holds Keras' BackupAndRestore state and the history CSV while training runs;
+    it is deleted when training completes. Returns the model and the per-epoch history of all
+    epochs, including those of the interrupted run.
+    """
     keras.utils.set_random_seed(seed)
-    model = build_compiled_model(params, num_classes)
-    train_data = make_dataset(train_split, params.batch_size, shuffle=True, seed=seed)
-    validation_data = make_dataset(validation_split, params.batch_size, shuffle=False, seed=seed)
-    Path(history_path).parent.mkdir(parents=True, exist_ok=True)
-    history = model.fit(
-        train_data,
-        validation_data=validation_data,
+    backup_dir = Path(backup_dir)
+    first_epoch = completed_epochs(backup_dir)
+    if first_epoch:
+        logger.info("resuming from %s after epoch %d of %d", backup_dir, first_epoch, params.epochs)
+    backup_dir.mkdir(parents=True, exist_ok=True)
+    history_path = backup_dir / "history.csv"
+    keep_history_rows(history_path, first_epoch)
+
+    with distribution_strategy().scope():
+        model = build_compiled_model(params, num_classes)
+    # BackupAndRestore needs a built optimizer to restore its state into.
+    model.optimizer.build(model.trainable_variables)
+    model.fit(
+        make_dataset(train_split, params.batch_size, shuffle_seed=seed, first_epoch=first_epoch),
+        validation_data=make_dataset(validation_split, params.batch_size),
         epochs=params.epochs,
-        shuffle=False,  # the dataset reshuffles itself every epoch
-        callbacks=[keras.callbacks.TerminateOnNaN(), keras.callbacks.CSVLogger(str(history_path)), *callbacks],
+        steps_per_epoch=math.ceil(len(train_split.labels) / params.batch_size),
+        shuffle=False,  # the dataset shuffles itself, per epoch
+        callbacks=[
+            keras.callbacks.TerminateOnNaN(),
+            # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
+            # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
+            keras.callbacks.CSVLogger(str(history_path), append=True),
+            RandomStateBackup(backup_dir),
+            keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+            *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
+            *callbacks,
+        ],
         verbose=2,
     )
-    losses = history.history.get("loss", [])
+    rows = read_history_rows(history_path)
+    history = {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}
+    losses = history.get("loss", [])
     if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
+        shutil.rmtree(backup_dir, ignore_errors=True)  # a diverged state is nothing to resume from
         raise TrainingDiverged(
-            f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became {losses[-1] if losses else 'NaN'}; "
-            "try a smaller train.learning_rate. No model was saved."
+            f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
+            f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
         )
-    return model, {name: [float(value) for value in values] for name, values in history.history.items()}
+    return model, history
 
 
 def run_name(params: Params) -> str:
@@ -148,6 +266,44 @@ def log_model(model: keras.Model, example_images: np.ndarray) -> None:
     )
 
 
+def training_key(params: Params, description: dict) -> str:
+    """A digest of everything a checkpoint depends on: train params, seed and the prepared data."""
+    identity = {"train": params.train.model_dump(), "seed": params.seed, "data": description}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def backup_folder(checkpoints: str | Path, key: str) -> Path:
+    """The backup folder for `key`, after deleting any left by runs with other params or data.
+
+    A checkpoint made with other params or data must never be resumed; keying the folder by
+    `training_key` guarantees it, and deleting the others keeps at most one on disk.
+    """
+    checkpoints = Path(checkpoints)
+    if checkpoints.is_dir():
+        for stale in checkpoints.iterdir():
+            if stale.name != key:
+                logger.info("deleting %s: it was made with other params or data", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    return checkpoints / key
+
+
+def configure_runtime(params: TrainParams) -> None:
+    """Process-wide TensorFlow settings the params ask for; call before building the model."""
+    if params.deterministic:
+        # Same seed, data and machine -> bit-identical weights (see README, "Reproducibility").
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy("mixed_float16" if params.mixed_precision else "float32")
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    """Mirror over all GPUs when there are several; otherwise TensorFlow's default (one device)."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        logger.info("training on %d GPUs with MirroredStrategy", len(gpus))
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argument_parser = cli.parser(__doc__.splitlines()[0])
     argument_parser.add_argument("--data", required=True, help="prepared dataset folder")
@@ -155,14 +311,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     argument_parser.add_argument("--history", required=True, help="per-epoch history CSV")
     argument_parser.add_argument("--metrics", required=True, help="final training metrics JSON")
     argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
+    argument_parser.add_argument(
+        "--checkpoints", required=True, help="folder for the state of an interrupted training (not a DVC output)"
+    )
     arguments = argument_parser.parse_args(argv)
     params = load_params(arguments.params)
+    check_tracking_server()
 
     description = load_description(arguments.data)
     train_split = load_split(arguments.data, "train")
     validation_split = load_split(arguments.data, "validation")
+    backup_dir = backup_folder(arguments.checkpoints, training_key(params, description))
+    configure_runtime(params.train)
 
-    with start_pipeline_run(params.mlflow.experiment_name, run_name(params), arguments.run_file):
+    with start_pipeline_run(
+        params.mlflow.experiment_name, run_name(params), arguments.run_file, resume_from=backup_dir / "mlflow_run.json"
+    ):
         mlflow.log_params(params.flat())
         mlflow.set_tags(
             {
@@ -178,14 +342,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             train_split,
             validation_split,
             num_classes=len(description["class_names"]),
-            history_path=arguments.history,
-            callbacks=[EpochMetricsToMlflow()],
+            backup_dir=backup_dir,
+            log_to_mlflow=True,
         )
         with atomic_path(arguments.model, suffix=".keras") as temporary:
             model.save(temporary)
         logger.info("saved %s", arguments.model)
+        with atomic_path(arguments.history) as temporary:
+            shutil.copyfile(backup_dir / "history.csv", temporary)
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
         log_model(model, train_split.images)
+    shutil.rmtree(backup_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

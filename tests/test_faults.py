@@ -1,0 +1,205 @@
+"""Faults: interrupted training resumes exactly, failures end MLflow runs truthfully, bad files are refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+
+from alexnet8.dataset import load_split
+from alexnet8.errors import DataError, PipelineError
+from alexnet8.evaluate import load_trained_model
+from alexnet8.params import TrainParams
+from alexnet8.preprocess import read_archive
+from alexnet8 import train
+from conftest import write_params
+
+TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32}
+
+
+def _params(**overrides) -> TrainParams:
+    values = dict(epochs=3, batch_size=16, optimizer="adam", learning_rate=0.001, momentum=0.0, dropout=0.5,
+                  dense_units=32, jit_compile=False, mixed_precision=False, deterministic=False)
+    return TrainParams(**(values | overrides))
+
+
+class _InterruptAfter(keras.callbacks.Callback):
+    """Ctrl-C at the end of an epoch, after its checkpoint is saved."""
+
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _same_weights(first: keras.Model, second: keras.Model) -> bool:
+    return all(np.array_equal(a, b) for a, b in zip(first.get_weights(), second.get_weights(), strict=True))
+
+
+def test_interrupted_training_resumes_to_bit_identical_weights(prepared_dir, tmp_path):
+    train_split, validation_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "validation")
+    params = _params()
+    uninterrupted, full_history = train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "b", callbacks=[_InterruptAfter(1)])
+    assert train.completed_epochs(tmp_path / "b") == 2
+    resumed, resumed_history = train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "b")
+    assert _same_weights(uninterrupted, resumed)
+    assert resumed_history == full_history  # all three epochs, the first two from the interrupted run
+
+
+def _train_arguments(folder, prepared_dir, params_file):
+    return ["--params", str(params_file), "--data", str(prepared_dir), "--model", str(folder / "model.keras"),
+            "--history", str(folder / "history.csv"), "--metrics", str(folder / "train.json"),
+            "--run-file", str(folder / "run.json"), "--checkpoints", str(folder / "checkpoints")]
+
+
+def _interrupt_training_after(epoch, monkeypatch):
+    """Make the next train.main() stop with Ctrl-C after `epoch` (0-based) is logged."""
+
+    class Interrupting(train.EpochMetricsToMlflow):
+        def on_epoch_end(self, index, logs=None):
+            super().on_epoch_end(index, logs)
+            if index == epoch:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "EpochMetricsToMlflow", Interrupting)
+
+
+def _runs(client):
+    return client.search_runs(experiment_ids=[experiment.experiment_id for experiment in client.search_experiments()])
+
+
+def test_a_resumed_training_continues_its_mlflow_run_with_every_epoch_once(prepared_dir, tmp_path, monkeypatch):
+    params_file = write_params(tmp_path / "params.yaml", **TINY)
+    arguments = _train_arguments(tmp_path, prepared_dir, params_file)
+    with monkeypatch.context() as patch:
+        _interrupt_training_after(0, patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(arguments)
+    client = mlflow.MlflowClient()
+    [interrupted] = _runs(client)
+    assert interrupted.info.status == "KILLED"
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "model.keras").exists()
+
+    train.main(arguments)
+    [finished] = _runs(client)
+    assert finished.info.run_id == interrupted.info.run_id and finished.info.status == "FINISHED"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [point.step for point in client.get_metric_history(finished.info.run_id, metric)] == [0, 1, 2], metric
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + 3
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, monkeypatch):
+    arguments = _train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY))
+    with monkeypatch.context() as patch:
+        _interrupt_training_after(1, patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.main(arguments)
+    [stale] = list((tmp_path / "checkpoints").iterdir())
+    write_params(tmp_path / "params.yaml", **(TINY | {"train.learning_rate": 0.0005}))
+    train.main(arguments)
+    client = mlflow.MlflowClient()
+    runs = {run.info.status: run for run in _runs(client)}
+    assert set(runs) == {"KILLED", "FINISHED"}  # a new run, not the interrupted one continued
+    assert [point.step for point in client.get_metric_history(runs["FINISHED"].info.run_id, "loss")] == [0, 1, 2]
+    assert not stale.exists()
+
+
+def test_nan_loss_fails_the_run_and_saves_no_model(prepared_dir, tmp_path):
+    poisoned = tmp_path / "prepared"
+    shutil.copytree(prepared_dir, poisoned)
+    images = np.load(poisoned / "train_images.npy")
+    images[:] = np.nan
+    np.save(poisoned / "train_images.npy", images)
+    arguments = _train_arguments(tmp_path, poisoned, write_params(tmp_path / "params.yaml", **TINY))
+    with pytest.raises(train.TrainingDiverged, match="the loss became nan"):
+        train.main(arguments)
+    [run] = _runs(mlflow.MlflowClient())
+    assert run.info.status == "FAILED"
+    assert not (tmp_path / "model.keras").exists() and not (tmp_path / "run.json").exists()
+    assert not any((tmp_path / "checkpoints").iterdir())  # nothing diverged is left to resume
+
+
+def test_a_tracking_server_that_does_not_answer_fails_before_training(prepared_dir, tmp_path, monkeypatch):
+    with socket.socket() as probe:  # a port on this machine that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    mlflow.set_tracking_uri(None)
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=f"tracking server at http://127.0.0.1:{port} .* does not answer"):
+        train.main(_train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY)))
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_archive_members_that_are_links_are_refused(tmp_path):
+    archive = tmp_path / "cifar.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        link = tarfile.TarInfo("cifar-10-batches-bin/data_batch_1.bin")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        escape = tarfile.TarInfo("../../escape.bin")
+        escape.size = 3
+        tar.addfile(escape, io.BytesIO(b"bad"))
+    with pytest.raises(DataError, match="data_batch_1.bin is not a regular file"):
+        read_archive(archive)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cifar.tar.gz"]  # nothing extracted
+
+
+def test_model_files_are_loaded_in_safe_mode(tmp_path):
+    inputs = keras.Input(shape=(32, 32, 3))
+    outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)  # arbitrary Python code in the model file
+    path = tmp_path / "lambda.keras"
+    keras.Model(inputs, outputs).save(path)
+    with pytest.raises(DataError, match="lambda.keras: cannot load the model"):
+        load_trained_model(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path, signal_number):
+    epochs = 12
+    arguments = _train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": epochs})))
+    command = [sys.executable, "-m", "alexnet8.train", *arguments]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while not list((tmp_path / "checkpoints").glob("*/training_metadata.json")):  # an epoch is done
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+        time.sleep(0.02)
+    process.send_signal(signal_number)
+    output = process.communicate()[0]
+    [metadata] = (tmp_path / "checkpoints").glob("*/training_metadata.json")
+    stopped_after = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= stopped_after < epochs, output
+    client = mlflow.MlflowClient()
+    [run] = _runs(client)
+    if signal_number == signal.SIGTERM:
+        assert process.returncode == 130 and run.info.status == "KILLED", output
+    else:
+        assert process.returncode == -signal.SIGKILL and run.info.status == "RUNNING"  # nothing can run on SIGKILL
+
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"after epoch {stopped_after} of {epochs}" in rerun.stderr
+    [run] = _runs(client)
+    assert run.info.status == "FINISHED"
+    for metric in ("loss", "val_accuracy"):
+        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(range(epochs)), metric
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + epochs
