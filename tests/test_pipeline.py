@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from conftest import PROJECT_ROOT, write_params
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "MLproject", "python_env.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -97,6 +98,63 @@ def test_second_repro_runs_nothing(project):
     output = _run(["dvc", "repro"], project)
     assert "Running stage" not in output
     assert "Data and pipelines are up to date" in output
+
+
+def _weights_digest(model_path: Path) -> str:
+    import keras
+
+    model = keras.models.load_model(model_path)
+    return hashlib.sha256(b"".join(np.ascontiguousarray(weights).tobytes() for weights in model.get_weights())).hexdigest()
+
+
+def test_forced_reruns_are_bit_identical(project):
+    before = _weights_digest(project / "models/model.keras")
+    metrics = {name: (project / name).read_bytes() for name in ("reports/test_metrics.json", "reports/train_metrics.json", "reports/train_history.csv")}
+    _run(["dvc", "repro", "--force"], project)
+    assert _weights_digest(project / "models/model.keras") == before
+    for name, content in metrics.items():
+        assert (project / name).read_bytes() == content, name
+
+
+def test_mlproject_runs_the_pipeline_in_the_launchers_run(project):
+    output = _run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "alexnet8-cifar10",
+                   "-P", "epochs=1", "-P", "batch_size=16"], project)
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert f"Run (ID '{run_id}') succeeded" in output
+    run = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
+    assert run.data.params["train.epochs"] == "1" and "test_accuracy" in run.data.metrics
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run(["dvc", "checkout"], project)
+
+
+def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
+    _run(["dvc", "exp", "run", "-n", "lr-low", "-S", "train.learning_rate=0.0005"], project)
+    _run(["git", "checkout", "--", "params.yaml"], project)  # `exp run` leaves its params in the workspace
+    _run(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1"], project)
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], project)
+    assert "lr-low" in shown and "one-epoch" in shown
+    params_diff = json.loads(_run(["dvc", "params", "diff", "lr-low", "one-epoch", "--json"], project))["params.yaml"]
+    assert params_diff["train.learning_rate"] == {"old": 0.0005, "new": 0.001, "diff": 0.0005}
+    assert params_diff["train.epochs"] == {"old": 2, "new": 1, "diff": -1}
+    metrics_diff = json.loads(_run(["dvc", "metrics", "diff", "lr-low", "one-epoch", "--json"], project))
+    assert "reports/test_metrics.json" in metrics_diff
+    _run(["dvc", "plots", "diff", "lr-low", "one-epoch", "-o", "diff_html"], project)
+    assert (project / "diff_html" / "index.html").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = {run.data.tags.get("dvc.experiment"): run for run in client.search_runs(
+        experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])}
+    assert {"lr-low", "one-epoch"} <= set(runs)
+    head = _run(["git", "rev-parse", "HEAD"], project).strip()
+    for name in ("lr-low", "one-epoch"):
+        tags = runs[name].data.tags
+        assert runs[name].info.run_name == name and tags["git.commit"] == head and tags["git.dirty"] == "true"
+        assert tags["data.archive_md5"] and len(tags["data.prepared_md5"]) == 32 and "alexnet8.train" in tags["command"]
+        artifacts = {artifact.path for artifact in client.list_artifacts(runs[name].info.run_id, "provenance")}
+        assert artifacts == {"provenance/params.yaml", "provenance/dvc.lock", "provenance/packages.txt"}
+    assert runs["lr-low"].data.params["train.learning_rate"] == "0.0005"
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run(["dvc", "checkout"], project)
 
 
 def test_an_edited_param_shows_in_params_diff_and_reruns_only_what_depends_on_it(project):

@@ -6,6 +6,7 @@ dataset.json). Writes: nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ def load_description(prepared_dir: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path} not found: run the preprocess stage first") from None
+
+
+def dataset_digest(prepared_dir: str | Path) -> str:
+    """md5 of dataset.json, which holds the md5 of every array: one digest for the prepared data."""
+    return hashlib.md5((Path(prepared_dir) / DATASET_FILE).read_bytes()).hexdigest()
 
 
 def load_split(prepared_dir: str | Path, split: str) -> Split:

@@ -23,22 +23,12 @@ from tqdm import tqdm
 
 from alexnet8 import cli
 from alexnet8.errors import DataError
-from alexnet8.files import atomic_path
+from alexnet8.files import CHUNK_BYTES, atomic_path, file_md5
 from alexnet8.params import FetchParams, load_params
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 60
-
-
-def file_md5(path: str | Path) -> str:
-    """The md5 of a file, read in chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open(url: str):

@@ -6,12 +6,25 @@ Reads nothing; writes wherever the caller says.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 of a file, read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

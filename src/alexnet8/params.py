@@ -83,6 +83,7 @@ class EvaluateParams(_Section):
 
 class MlflowParams(_Section):
     experiment_name: str = Field(min_length=1)
+    registered_model_name: str
 
 
 class Params(_Section):

@@ -13,7 +13,6 @@ The archive is read with numpy from its binary records (1 label byte, then 1024 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tarfile
 import zlib
@@ -26,7 +25,7 @@ import numpy as np
 from alexnet8 import cli
 from alexnet8.dataset import DATASET_FILE, SPLITS, image_file, label_file
 from alexnet8.errors import DataError
-from alexnet8.files import atomic_directory, write_json
+from alexnet8.files import atomic_directory, file_md5, write_json
 from alexnet8.params import PreprocessParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -88,7 +87,7 @@ def read_archive(archive_path: str | Path) -> RawDataset:
     archive_path = Path(archive_path)
     if not archive_path.is_file():
         raise DataError(f"{archive_path}: archive not found (run the fetch stage first)")
-    digest = hashlib.md5(archive_path.read_bytes()).hexdigest()
+    digest = file_md5(archive_path)
     try:
         with tarfile.open(archive_path, mode="r:gz") as archive:
             train_parts = [parse_records(_read_member(archive, name, archive_path), name) for name in TRAIN_MEMBERS]
@@ -167,10 +166,13 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
         "seed": seed,
     }
     with atomic_directory(out_dir) as temporary:
+        digests = {}
         for name in SPLITS:
             images, labels = splits[name]
-            np.save(temporary / image_file(name), images)
-            np.save(temporary / label_file(name), labels)
+            for file_name, array in ((image_file(name), images), (label_file(name), labels)):
+                np.save(temporary / file_name, array)
+                digests[file_name] = file_md5(temporary / file_name)
+        description["md5"] = digests
         write_json(temporary / DATASET_FILE, description)
     logger.info(
         "wrote %s: %s images, normalization %s",

@@ -3,18 +3,24 @@
 Reads and writes the run file (`--run-file` in dvc.yaml, JSON: run id, experiment id, tracking
 URI): train starts the run and writes it; evaluate and plot read it to log into the same run.
 
-Where runs go is MLflow's own choice: `MLFLOW_TRACKING_URI` when set (a tracking server, a
-database), otherwise MLflow's default store in the working folder (`mlflow.db`), which a plain
-`mlflow ui` started in the project root shows. Under `mlflow run` the launcher's run
-(`MLFLOW_RUN_ID`) is used, so the project run and the pipeline run are the same.
+Where runs go: `MLFLOW_TRACKING_URI` when set (a tracking server, a database); otherwise
+MLflow's default store in the project root (`mlflow.db`, artifacts in `mlruns/`), which a plain
+`mlflow ui` started there shows. "The project root" is the folder the pipeline runs in, except
+for experiments that DVC runs in a temporary copy (`dvc exp run --queue`, `--temp`): those log
+to the store of the project they were queued from, not to a copy that DVC deletes. Under
+`mlflow run` the launcher's run (`MLFLOW_RUN_ID`) is used, so the project run and the pipeline
+run are the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import logging
 import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +37,54 @@ logger = logging.getLogger(__name__)
 
 
 SERVER_TIMEOUT_SECONDS = 5
+LOCAL_STORE = "mlflow.db"
+LOCAL_ARTIFACTS = "mlruns"
+
+
+def project_root(folder: str | Path | None = None) -> Path:
+    """The project a stage runs for: `folder` (default: the working folder), or, inside a DVC
+    temporary experiment workspace (<project>/.dvc/tmp/exps/...), the project it belongs to."""
+    folder = Path(folder or Path.cwd()).resolve()
+    parts = folder.parts
+    for index in range(len(parts) - 2):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return folder
+
+
+def use_project_store() -> None:
+    """Log to the project root's local store unless MLFLOW_TRACKING_URI says otherwise."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(f"sqlite:///{project_root() / LOCAL_STORE}")
+
+
+def _set_experiment(name: str) -> None:
+    """Set the experiment; when the local store creates it, its artifacts go to <project root>/mlruns."""
+    if mlflow.get_experiment_by_name(name) is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        try:
+            mlflow.create_experiment(name, artifact_location=(project_root() / LOCAL_ARTIFACTS).as_uri())
+        except MlflowException:
+            pass  # created meanwhile by a parallel experiment
+    mlflow.set_experiment(name)
+
+
+def provenance_tags() -> dict[str, str]:
+    """What it takes to recreate a run: git commit and dirtiness, the DVC experiment, the command."""
+    tags = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return tags  # not a git checkout (or no git): nothing to record
+    # Under `dvc exp run -S ...` the tree is dirty by design: params.yaml holds the experiment's values.
+    tags |= {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(changes.strip())).lower()}
+    return tags
+
+
+def installed_packages() -> str:
+    """`name==version` of every installed distribution, sorted: the environment the run used."""
+    versions = {distribution.metadata["Name"]: distribution.version for distribution in importlib.metadata.distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items(), key=lambda item: item[0].lower()))
 
 
 def check_tracking_server() -> None:
@@ -73,7 +127,7 @@ def _start_or_resume(experiment_name: str, run_name: str, resume_from: Path | No
             return run
         except MlflowException as error:
             logger.warning("cannot continue MLflow run %s (%s): starting a new one", interrupted, error.message)
-    mlflow.set_experiment(experiment_name)
+    _set_experiment(experiment_name)
     return mlflow.start_run(run_name=run_name)
 
 
@@ -89,6 +143,7 @@ def start_pipeline_run(
     (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so later stages never log
     into a failed run.
     """
+    use_project_store()
     resume_from = Path(resume_from) if resume_from else None
     run = _start_or_resume(experiment_name, run_name, resume_from)
     try:
@@ -109,6 +164,7 @@ def start_pipeline_run(
 @contextlib.contextmanager
 def resume_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
     """Reopen the run that the train stage recorded in `run_file`; it ends FINISHED, or FAILED on error."""
+    use_project_store()
     run_file = Path(run_file)
     try:
         recorded = json.loads(run_file.read_text(encoding="utf-8"))

@@ -28,12 +28,12 @@ import tensorflow as tf
 from mlflow.models import infer_signature
 
 from alexnet8 import cli
-from alexnet8.dataset import Split, load_description, load_split
+from alexnet8.dataset import Split, dataset_digest, load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.model import build_alexnet8
 from alexnet8.params import Params, TrainParams, load_params
-from alexnet8.tracking import check_tracking_server, start_pipeline_run
+from alexnet8.tracking import check_tracking_server, installed_packages, provenance_tags, start_pipeline_run
 
 logger = logging.getLogger(__name__)
 
@@ -250,8 +250,9 @@ def _save_keras_model(path: str, **kwargs) -> None:
 _KERAS_FLAVOR = types.SimpleNamespace(__name__=mlflow.keras.__name__, save_model=_save_keras_model)
 
 
-def log_model(model: keras.Model, example_images: np.ndarray) -> None:
-    """Log the model as an MLflow Keras model (a LoggedModel) with its signature and an input example."""
+def log_model(model: keras.Model, example_images: np.ndarray, registered_model_name: str | None = None) -> None:
+    """Log the model as an MLflow Keras model (a LoggedModel) with its signature and an input example;
+    with `registered_model_name`, also as a new version of that registered model."""
     example_images = np.asarray(example_images[:2])
     signature = infer_signature(example_images, model.predict(example_images, verbose=0))
     mlflow.models.Model.log(
@@ -261,6 +262,7 @@ def log_model(model: keras.Model, example_images: np.ndarray) -> None:
         model=model,
         signature=signature,
         input_example=example_images,
+        registered_model_name=registered_model_name,
         # Stating the requirements skips MLflow's inference, which reloads the model in a subprocess.
         pip_requirements=[f"keras=={keras.__version__}", f"tensorflow=={tf.__version__}"],
     )
@@ -329,13 +331,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ):
         mlflow.log_params(params.flat())
         mlflow.set_tags(
-            {
+            provenance_tags()
+            | {
                 "data.archive_md5": description["archive_md5"],
+                "data.prepared_md5": dataset_digest(arguments.data),
                 "data.sizes": str(description["sizes"]),
-                "dvc.experiment": os.environ.get("DVC_EXP_NAME", ""),
             }
         )
-        mlflow.log_artifact(arguments.params)
+        mlflow.log_artifact(arguments.params, artifact_path="provenance")
+        if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
+            mlflow.log_artifact("dvc.lock", artifact_path="provenance")
+        mlflow.log_text(installed_packages(), "provenance/packages.txt")
         model, history = train_model(
             params.train,
             params.seed,
@@ -351,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(backup_dir / "history.csv", temporary)
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
-        log_model(model, train_split.images)
+        log_model(model, train_split.images, registered_model_name=params.mlflow.registered_model_name or None)
     shutil.rmtree(backup_dir, ignore_errors=True)
 
 

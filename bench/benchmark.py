@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Training throughput and peak memory: this pipeline's trainer against a reference script, side by side.
+
+Usage:
+  python bench/benchmark.py ARCHIVE --reference SEED_SCRIPT [--train-images N] [--rounds R]
+         [--config NAME=key=value,key=value ...]
+
+ARCHIVE is a CIFAR-10 binary tar.gz; SEED_SCRIPT a script that takes `ARCHIVE --train-images N
+--epochs 1` and prints `train_images_per_second <float>` (the original AlexNet8 script as
+written: shared/bench/seed_baseline.py on our machines). The archive is preprocessed once (the
+preprocess stage at params.yaml's values). Then, for each round, the reference and each of our
+configurations run one after the other, each in its own process, on the same number of training
+images (N, batch size from params.yaml: same steps), so that machine noise hits all alike. Ours
+holds the whole training split in memory as the train stage does and trains N / batch steps.
+
+Throughput counts as the reference does: training images per second over the time spent
+inside batches, leaving out the first 5 (tracing, warm-up). Peak RSS is each process's own
+(from wait4). Prints one line per run, then the median per configuration and its ratio to the
+reference's median. Configurations override `train.*` params: the default `ours` is params.yaml
+as it is (the original's hyperparameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(prepared: str, train_images: int, overrides: dict) -> None:
+    """One measured training run of ours (in a child process); prints a JSON line."""
+    import math
+
+    import keras
+
+    from alexnet8.dataset import load_split
+    from alexnet8.params import load_params
+    from alexnet8.train import build_compiled_model, configure_runtime, make_dataset
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    train_params = params.train.model_copy(update=overrides)
+    configure_runtime(train_params)
+    keras.utils.set_random_seed(params.seed)
+    split = load_split(prepared, "train")
+    model = build_compiled_model(train_params, num_classes=10)
+
+    class Throughput(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.images, self.seconds, self.start = 0, 0.0, 0.0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch >= 5:
+                self.seconds += time.perf_counter() - self.start
+                self.images += train_params.batch_size
+
+    meter = Throughput()
+    started = time.perf_counter()
+    model.fit(
+        make_dataset(split, train_params.batch_size, shuffle_seed=params.seed),
+        epochs=1,
+        steps_per_epoch=math.ceil(train_images / train_params.batch_size),
+        callbacks=[meter],
+        verbose=0,
+    )
+    print(json.dumps({"images_per_second": meter.images / meter.seconds, "fit_seconds": time.perf_counter() - started}))
+
+
+def measure(command: list[str]) -> tuple[float, float, str]:
+    """Run `command`; return (images/s it printed, its peak RSS in MB, its output)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=PROJECT_ROOT)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{output}")
+    match = re.search(r'train_images_per_second (\S+)|"images_per_second": ([0-9.e+-]+)', output)
+    if not match:
+        raise SystemExit(f"no throughput in the output of {' '.join(command)}:\n{output}")
+    return float(match.group(1) or match.group(2)), usage.ru_maxrss / 1024, output
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    import yaml
+
+    name, _, assignments = text.partition("=")
+    overrides = {}
+    for assignment in filter(None, assignments.split(",")):
+        key, _, value = assignment.partition("=")
+        overrides[key.removeprefix("train.")] = yaml.safe_load(value)
+    return name, overrides
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("archive")
+    parser.add_argument("--reference", required=True, help="the reference script (seed_baseline.py)")
+    parser.add_argument("--train-images", type=int, default=3200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--config", action="append", default=[], help="NAME=key=value,... (train.* overrides); repeatable")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        worker(arguments.worker[0], int(arguments.worker[1]), json.loads(arguments.worker[2]))
+        return
+
+    from alexnet8.params import load_params
+    from alexnet8.preprocess import preprocess
+
+    configs = dict(parse_config(text) for text in arguments.config) or {"ours": {}}
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    results: dict[str, list[tuple[float, float]]] = {"reference": [], **{name: [] for name in configs}}
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = Path(folder) / "prepared"
+        preprocess(arguments.archive, prepared, params.preprocess, params.seed)
+        for round_number in range(1, arguments.rounds + 1):
+            runs = [("reference", [sys.executable, arguments.reference, arguments.archive,
+                                   "--train-images", str(arguments.train_images), "--epochs", "1"])]
+            runs += [(name, [sys.executable, __file__, "--worker", str(prepared), str(arguments.train_images), json.dumps(overrides)])
+                     for name, overrides in configs.items()]
+            for name, command in runs:
+                images_per_second, peak_mb, _ = measure(command)
+                results[name].append((images_per_second, peak_mb))
+                print(f"round {round_number} {name:>12}: {images_per_second:7.2f} images/s, peak RSS {peak_mb:7.0f} MB", flush=True)
+
+    reference_speed = statistics.median(speed for speed, _ in results["reference"])
+    reference_memory = statistics.median(memory for _, memory in results["reference"])
+    print(f"\nmedian of {arguments.rounds} rounds, {arguments.train_images} training images, batch {params.train.batch_size}:")
+    for name, values in results.items():
+        speed = statistics.median(value for value, _ in values)
+        memory = statistics.median(value for _, value in values)
+        print(f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference), "
+              f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}")
+
+
+if __name__ == "__main__":
+    main()
