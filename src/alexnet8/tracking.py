@@ -52,15 +52,19 @@ def project_root(folder: str | Path | None = None) -> Path:
     return folder
 
 
+def _project_store() -> str:
+    return f"sqlite:///{project_root() / LOCAL_STORE}"
+
+
 def use_project_store() -> None:
     """Log to the project root's local store unless MLFLOW_TRACKING_URI says otherwise."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(f"sqlite:///{project_root() / LOCAL_STORE}")
+        mlflow.set_tracking_uri(_project_store())  # which also sets MLFLOW_TRACKING_URI
 
 
 def _set_experiment(name: str) -> None:
     """Set the experiment; when the local store creates it, its artifacts go to <project root>/mlruns."""
-    if mlflow.get_experiment_by_name(name) is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if mlflow.get_tracking_uri() == _project_store() and mlflow.get_experiment_by_name(name) is None:
         try:
             mlflow.create_experiment(name, artifact_location=(project_root() / LOCAL_ARTIFACTS).as_uri())
         except MlflowException:
