@@ -51,7 +51,7 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
     configure_runtime(train_params)
     keras.utils.set_random_seed(params.seed)
     split = load_split(prepared, "train")
-    model = build_compiled_model(train_params, num_classes=10)
+    model = build_compiled_model(train_params, num_classes=10, steps_per_epoch=math.ceil(len(split.labels) / train_params.batch_size))
 
     class Throughput(keras.callbacks.Callback):
         def __init__(self):
@@ -69,7 +69,8 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
     meter = Throughput()
     started = time.perf_counter()
     model.fit(
-        make_dataset(split, train_params.batch_size, shuffle_seed=params.seed),
+        make_dataset(split, train_params.batch_size, shuffle_seed=params.seed, random_flip=train_params.random_flip,
+                     random_crop_padding=train_params.random_crop_padding),
         epochs=1,
         steps_per_epoch=math.ceil(train_images / train_params.batch_size),
         callbacks=[meter],

@@ -20,17 +20,16 @@ import pytest
 from alexnet8.dataset import load_split
 from alexnet8.errors import DataError, PipelineError
 from alexnet8.evaluate import load_trained_model
-from alexnet8.params import TrainParams
+from alexnet8.params import TrainParams, load_params
 from alexnet8.preprocess import read_archive
 from alexnet8 import train
-from conftest import write_params
+from conftest import PROJECT_ROOT, write_params
 
 TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32}
 
 
 def _params(**overrides) -> TrainParams:
-    values = dict(epochs=3, batch_size=16, optimizer="adam", learning_rate=0.001, momentum=0.0, dropout=0.5,
-                  dense_units=32, jit_compile=False, mixed_precision=False, deterministic=False)
+    values = load_params(PROJECT_ROOT / "params.yaml").train.model_dump() | {"epochs": 3, "batch_size": 16, "dense_units": 32}
     return TrainParams(**(values | overrides))
 
 

@@ -39,11 +39,18 @@ def load_trained_model(path: str | Path) -> keras.Model:
         raise DataError(f"{path}: cannot load the model (Keras safe mode refuses code in model files): {error}") from None
 
 
-def evaluate_model(model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int) -> tuple[dict, np.ndarray]:
-    """Test loss, accuracy and per-class accuracy; and the predicted class of every image."""
+def evaluate_model(
+    model: keras.Model, split: Split, class_names: Sequence[str], batch_size: int, flip_tta: bool = False
+) -> tuple[dict, np.ndarray]:
+    """Test loss, accuracy and per-class accuracy; and the predicted class of every image.
+
+    With `flip_tta`, each image's probabilities are the mean of its own and its mirror image's.
+    """
     images = np.asarray(split.images)
     labels = np.asarray(split.labels).astype(np.int64)
     probabilities = model.predict(images, batch_size=batch_size, verbose=0)
+    if flip_tta:
+        probabilities = (probabilities + model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
     predicted = probabilities.argmax(axis=1)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
     per_class = {
@@ -75,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     test_split = load_split(arguments.data, "test")
     model = load_trained_model(arguments.model)
     with resume_pipeline_run(arguments.run_file):
-        metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size)
+        metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size, params.evaluate.flip_tta)
         write_json(arguments.metrics, metrics)
         write_predictions(arguments.predictions, np.asarray(test_split.labels), predicted, class_names)
         mlflow.log_metrics(

@@ -67,9 +67,14 @@ class PreprocessParams(_Section):
 class TrainParams(_Section):
     epochs: Annotated[int, Field(gt=0)]
     batch_size: Annotated[int, Field(gt=0)]
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Literal["adam", "adamw", "sgd"]
     learning_rate: Annotated[Number, Field(gt=0)]
+    lr_schedule: Literal["constant", "warmup_cosine"]
+    warmup_fraction: Annotated[Number, Field(ge=0, lt=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
+    weight_decay: Annotated[Number, Field(ge=0)]
+    random_flip: bool
+    random_crop_padding: Annotated[int, Field(ge=0, le=16)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
     jit_compile: bool
@@ -79,6 +84,7 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(gt=0)]
+    flip_tta: bool
 
 
 class MlflowParams(_Section):

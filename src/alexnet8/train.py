@@ -99,46 +99,93 @@ class RandomStateBackup(keras.callbacks.Callback):
             np.savez(temporary, **{name: np.asarray(variable) for name, variable in self._states().items()})
 
 
+def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int) -> tf.Tensor:
+    """Random horizontal flip and random crop of the reflect-padded image, per image, stateless in `seed`."""
+    if flip:
+        images = tf.image.stateless_random_flip_left_right(images, seed=seed)
+    if crop_padding:
+        size = images.shape[1]
+        padded = tf.pad(images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT")
+        offsets = tf.random.stateless_uniform(
+            [tf.shape(images)[0], 2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32
+        )
+        rows = offsets[:, :1] + tf.range(size)[None, :]
+        columns = offsets[:, 1:] + tf.range(size)[None, :]
+        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
+    return images
+
+
 def make_dataset(
-    split: Split, batch_size: int, shuffle_seed: int | None = None, first_epoch: int = 0
+    split: Split,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    first_epoch: int = 0,
+    random_flip: bool = False,
+    random_crop_padding: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (images, labels) from one in-memory copy of the split, gathered by index.
 
     With `shuffle_seed`, the stream never ends and epoch e is a fresh permutation that depends
-    only on (seed, e), as `model.fit(shuffle=True)` but stateless: training resumed at epoch k
-    sees exactly the batches an uninterrupted run would (fit with `steps_per_epoch`). Without it,
-    one pass in order.
+    only on (seed, e), as `model.fit(shuffle=True)` but stateless; augmentation draws from
+    (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
+    would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
     """
     images = tf.constant(np.asarray(split.images))
     labels = tf.constant(np.asarray(split.labels))
     count = len(split.labels)
 
-    def gather(index):
-        return tf.gather(images, index), tf.gather(labels, index)
-
     if shuffle_seed is None:
-        indices = tf.data.Dataset.range(count).batch(batch_size)
-    else:
-        def epoch_batches(epoch):
-            order = tf.random.experimental.stateless_shuffle(
-                tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(shuffle_seed, tf.int64), epoch])
-            )
-            return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+        batches = tf.data.Dataset.range(count).batch(batch_size)
+        return batches.map(lambda index: (tf.gather(images, index), tf.gather(labels, index))).prefetch(tf.data.AUTOTUNE)
 
-        indices = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
-    return indices.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    seed = tf.constant(shuffle_seed, tf.int64)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+        numbered = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
+
+    def gather(batch_seed, index):
+        batch = tf.gather(images, index)
+        if random_flip or random_crop_padding:
+            batch = augment(batch, batch_seed, random_flip, random_crop_padding)
+        return batch, tf.gather(labels, index)
+
+    batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-def make_optimizer(params: TrainParams) -> keras.optimizers.Optimizer:
+def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The learning rate, or per-step schedule: `warmup_cosine` rises linearly from
+    learning_rate / 25 to learning_rate over `warmup_fraction` of all steps, then follows a
+    cosine down to 0 (the one-cycle shape)."""
+    if params.lr_schedule == "constant":
+        return params.learning_rate
+    total_steps = params.epochs * steps_per_epoch
+    warmup_steps = int(params.warmup_fraction * total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=params.learning_rate / 25 if warmup_steps else params.learning_rate,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        warmup_target=params.learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+        alpha=0.0,
+    )
+
+
+def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    rate = learning_rate(params, steps_per_epoch)
+    weight_decay = params.weight_decay or None
     if params.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=params.learning_rate)
-    return keras.optimizers.SGD(learning_rate=params.learning_rate, momentum=params.momentum, nesterov=params.momentum > 0)
+        return keras.optimizers.Adam(learning_rate=rate)
+    if params.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=params.weight_decay)
+    return keras.optimizers.SGD(learning_rate=rate, momentum=params.momentum, nesterov=params.momentum > 0, weight_decay=weight_decay)
 
 
-def build_compiled_model(params: TrainParams, num_classes: int) -> keras.Model:
+def build_compiled_model(params: TrainParams, num_classes: int, steps_per_epoch: int) -> keras.Model:
     model = build_alexnet8(num_classes=num_classes, dense_units=params.dense_units, dropout=params.dropout)
     model.compile(
-        optimizer=make_optimizer(params),
+        optimizer=make_optimizer(params, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=params.jit_compile,
@@ -196,15 +243,23 @@ def train_model(
     history_path = backup_dir / "history.csv"
     keep_history_rows(history_path, first_epoch)
 
+    steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
     with distribution_strategy().scope():
-        model = build_compiled_model(params, num_classes)
+        model = build_compiled_model(params, num_classes, steps_per_epoch)
     # BackupAndRestore needs a built optimizer to restore its state into.
     model.optimizer.build(model.trainable_variables)
     model.fit(
-        make_dataset(train_split, params.batch_size, shuffle_seed=seed, first_epoch=first_epoch),
+        make_dataset(
+            train_split,
+            params.batch_size,
+            shuffle_seed=seed,
+            first_epoch=first_epoch,
+            random_flip=params.random_flip,
+            random_crop_padding=params.random_crop_padding,
+        ),
         validation_data=make_dataset(validation_split, params.batch_size),
         epochs=params.epochs,
-        steps_per_epoch=math.ceil(len(train_split.labels) / params.batch_size),
+        steps_per_epoch=steps_per_epoch,
         shuffle=False,  # the dataset shuffles itself, per epoch
         callbacks=[
             keras.callbacks.TerminateOnNaN(),

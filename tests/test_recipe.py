@@ -1,0 +1,113 @@
+"""The training recipe knobs: augmentation, schedules, optimizers and test-time augmentation do what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from alexnet8.dataset import Split
+from alexnet8.evaluate import evaluate_model
+from alexnet8.model import build_alexnet8
+from alexnet8.params import TrainParams
+from alexnet8.train import learning_rate, make_dataset, make_optimizer
+from conftest import PROJECT_ROOT, write_params
+
+# The recipe documented in the README ("Accuracy"), as `dvc exp run -S` overrides.
+RECIPE = {
+    "preprocess.normalization": "standardize", "train.batch_size": 128, "train.optimizer": "adamw",
+    "train.learning_rate": 0.002, "train.lr_schedule": "warmup_cosine", "train.warmup_fraction": 0.25,
+    "train.weight_decay": 0.0005, "train.random_flip": True, "train.random_crop_padding": 4,
+    "train.jit_compile": True, "evaluate.flip_tta": True,
+}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    from alexnet8.params import load_params
+
+    return load_params(write_params(tmp_path / "params.yaml", **RECIPE))
+
+
+def test_the_recipe_is_accepted(recipe):
+    assert recipe.train.optimizer == "adamw" and recipe.train.random_crop_padding == 4 and recipe.evaluate.flip_tta
+
+
+def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
+    schedule = learning_rate(recipe.train, steps_per_epoch=100)
+    total, warmup = 5 * 100, int(0.25 * 500)
+    rates = np.array([float(schedule(step)) for step in range(total + 1)])
+    assert rates[0] == pytest.approx(0.002 / 25)
+    assert rates[warmup] == pytest.approx(0.002) and rates.max() == pytest.approx(0.002)
+    assert np.all(np.diff(rates[: warmup + 1]) > 0) and np.all(np.diff(rates[warmup:]) <= 0)
+    assert rates[-1] == pytest.approx(0, abs=1e-9)
+
+
+def test_constant_schedule_and_optimizers(recipe, default_params):
+    assert learning_rate(default_params.train, 100) == 0.001
+    adamw = make_optimizer(recipe.train, 100)
+    assert type(adamw).__name__ == "AdamW" and adamw.weight_decay == pytest.approx(0.0005)
+    sgd = make_optimizer(TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100)
+    assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.momentum == 0.9
+
+
+def _asymmetric_split(count=64):
+    rng = np.random.default_rng(3)
+    images = rng.random((count, 32, 32, 3), dtype=np.float32)
+    return Split(images=images, labels=(np.arange(count) % 10).astype(np.uint8))
+
+
+def _first_epoch(dataset, count, batch_size):
+    batches = list(dataset.take(int(np.ceil(count / batch_size))).as_numpy_iterator())
+    return np.concatenate([images for images, _ in batches]), np.concatenate([labels for _, labels in batches])
+
+
+def test_random_flip_keeps_each_label_with_its_image():
+    split = _asymmetric_split()
+    images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, random_flip=True), 64, 16)
+    flipped = 0
+    for image, label in zip(images, labels):
+        [match] = [index for index, original in enumerate(split.images) if np.array_equal(image, original) or np.array_equal(image, original[:, ::-1])]
+        assert split.labels[match] == label
+        flipped += not np.array_equal(image, split.images[match])
+    assert 10 < flipped < 54  # about half
+
+
+def test_random_crop_is_a_window_of_the_reflect_padded_image():
+    split = _asymmetric_split()
+    images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, random_crop_padding=4), 64, 16)
+    shifted = 0
+    for image, label in zip(images, labels):
+        candidates = [index for index in range(64) if split.labels[index] == label]
+        padded = {index: np.pad(split.images[index], ((4, 4), (4, 4), (0, 0)), mode="reflect") for index in candidates}
+        windows = [(index, row, column) for index in candidates for row in range(9) for column in range(9)
+                   if np.array_equal(padded[index][row:row + 32, column:column + 32], image)]
+        assert windows, "not a crop of any image with this label"
+        shifted += windows[0][1:] != (4, 4)
+    assert shifted > 40
+
+
+def test_augmentation_is_a_function_of_seed_and_epoch():
+    split = _asymmetric_split()
+    options = dict(shuffle_seed=5, random_flip=True, random_crop_padding=4)
+    epoch_two, _ = _first_epoch(make_dataset(split, 16, first_epoch=2, **options), 64, 16)
+    from_start = make_dataset(split, 16, **options).skip(2 * 4)
+    again, _ = _first_epoch(from_start, 64, 16)
+    np.testing.assert_array_equal(epoch_two, again)  # what a resumed run sees at epoch 2
+
+
+def test_validation_and_test_data_are_never_augmented():
+    split = _asymmetric_split(20)
+    images, _ = _first_epoch(make_dataset(split, 8), 20, 8)
+    np.testing.assert_array_equal(images, split.images)
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    model = build_alexnet8(dense_units=16)
+    split = _asymmetric_split(20)
+    classes = [str(index) for index in range(10)]
+    plain, _ = evaluate_model(model, split, classes, batch_size=10)
+    tta, _ = evaluate_model(model, split, classes, batch_size=10, flip_tta=True)
+    mirrored = Split(images=np.ascontiguousarray(split.images[:, :, ::-1]), labels=split.labels)
+    mirror, _ = evaluate_model(model, mirrored, classes, batch_size=10, flip_tta=True)
+    assert tta["loss"] != plain["loss"]
+    assert tta["loss"] == pytest.approx(mirror["loss"], rel=1e-5)  # symmetric in the flip
