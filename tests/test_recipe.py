@@ -10,7 +10,7 @@ from alexnet8.evaluate import evaluate_model
 from alexnet8.model import build_alexnet8
 from alexnet8.params import TrainParams
 from alexnet8.train import learning_rate, make_dataset, make_optimizer
-from conftest import PROJECT_ROOT, write_params
+from conftest import write_params
 
 # The recipe documented in the README ("Accuracy"), as `dvc exp run -S` overrides.
 RECIPE = {
