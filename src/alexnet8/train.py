@@ -1,11 +1,14 @@
 """Stage `train`: train AlexNet8 on the training split, validating after every epoch, tracked in MLflow.
 
 Reads: the prepared folder `--data` (train and validation splits, dataset.json); params `seed`,
-`train.*`, `mlflow.experiment_name`.
+`train.*`, `mlflow.*`.
 Writes: the model `--model` (`.keras`), the per-epoch history `--history` (CSV, for `dvc plots`),
 the last epoch's metrics `--metrics` (JSON, for `dvc metrics`), and the run file `--run-file`
 naming the MLflow run. MLflow gets every param, per-epoch loss and accuracy (training and
-validation, step = epoch), the model with a signature and an input example, and the data's md5.
+validation, step = epoch), the model with a signature and an input example, and provenance
+(git commit, data md5s, params.yaml, dvc.lock, package versions).
+While training runs, `--checkpoints/<key>/` holds the state to resume from after an
+interruption; it is deleted once the model is saved and logged.
 """
 
 from __future__ import annotations
@@ -230,9 +233,9 @@ def train_model(
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build, compile and fit AlexNet8, resuming from `backup_dir` if an earlier run was interrupted.
 
-    `backup_dir` holds Keras' BackupAndRestore state and the history CSV while training runs;
-    it is deleted when training completes. Returns the model and the per-epoch history of all
-    epochs, including those of the interrupted run.
+    `backup_dir` holds Keras' BackupAndRestore state, the dropout layers' random state and the
+    history CSV; the caller deletes it once the model is safe. Returns the model and the per-epoch
+    history of all epochs, including those of the interrupted run.
     """
     keras.utils.set_random_seed(seed)
     backup_dir = Path(backup_dir)
