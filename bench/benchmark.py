@@ -105,8 +105,8 @@ def parse_config(text: str) -> tuple[str, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("archive")
-    parser.add_argument("--reference", required=True, help="the reference script (seed_baseline.py)")
+    parser.add_argument("archive", nargs="?")
+    parser.add_argument("--reference", help="the reference script (seed_baseline.py); required")
     parser.add_argument("--train-images", type=int, default=3200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--config", action="append", default=[], help="NAME=key=value,... (train.* overrides); repeatable")
@@ -115,6 +115,8 @@ def main() -> None:
     if arguments.worker:
         worker(arguments.worker[0], int(arguments.worker[1]), json.loads(arguments.worker[2]))
         return
+    if not arguments.archive or not arguments.reference:
+        parser.error("ARCHIVE and --reference are required")
 
     from alexnet8.params import load_params
     from alexnet8.preprocess import preprocess
