@@ -89,3 +89,16 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
     with pytest.raises(PipelineError, match="not found: run the train stage first"):
         evaluate_main(["--params", str(params), "--data", str(prepared_dir), "--run-file", str(tmp_path / "missing.json"),
                        "--model", str(tmp_path / "missing.keras"), "--metrics", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p.csv")])
+
+
+def test_a_registered_model_name_registers_a_new_version_per_run():
+    from alexnet8.model import build_alexnet8
+    from alexnet8.train import log_model
+
+    model = build_alexnet8(dense_units=8)
+    images = np.zeros((2, 32, 32, 3), dtype=np.float32)
+    for _ in range(2):
+        with mlflow.start_run():
+            log_model(model, images, registered_model_name="alexnet8-cifar10")
+    versions = mlflow.MlflowClient().search_model_versions("name = 'alexnet8-cifar10'")
+    assert sorted(int(version.version) for version in versions) == [1, 2]
