@@ -24,6 +24,7 @@ def _isolated_mlflow(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment sets it
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     yield
     while mlflow.active_run():

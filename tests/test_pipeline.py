@@ -22,8 +22,9 @@ PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "MLproject", "pyth
 
 
 def _run(command: list[str], cwd: Path) -> str:
-    environment = dict(os.environ)
-    environment.pop("MLFLOW_TRACKING_URI", None)  # the project's default store, as a user has it
+    # The project's default store, as a user has it: no MLFLOW_* variables (MLflow sets some,
+    # like MLFLOW_EXPERIMENT_ID, in this process when other tests use it).
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_")}
     # Stages run `python -m alexnet8...`: this interpreter, and the copy's own source.
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
     environment["PYTHONPATH"] = str(cwd / "src")

@@ -74,7 +74,7 @@ def _set_experiment(name: str) -> None:
 
 def provenance_tags() -> dict[str, str]:
     """What it takes to recreate a run: git commit and dirtiness, the DVC experiment, the command."""
-    tags = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
+    tags = {"command": " ".join(sys.orig_argv), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
