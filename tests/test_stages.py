@@ -97,6 +97,7 @@ def test_a_registered_model_name_registers_a_new_version_per_run():
 
     model = build_alexnet8(dense_units=8)
     images = np.zeros((2, 32, 32, 3), dtype=np.float32)
+    mlflow.set_experiment("registration")  # not an experiment another test left active in another store
     for _ in range(2):
         with mlflow.start_run():
             log_model(model, images, registered_model_name="alexnet8-cifar10")
