@@ -132,3 +132,30 @@ def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params):
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
+
+
+def test_training_batches_are_read_from_the_file_as_from_the_array(prepared_dir):
+    from alexnet8.dataset import load_split
+
+    from_file = load_split(prepared_dir, "train")
+    assert from_file.images_path is not None
+    in_memory = Split(images=np.array(from_file.images), labels=np.array(from_file.labels))
+    from_file_batches, in_memory_batches = (
+        _first_epoch(make_dataset(split, 16, shuffle_seed=5, random_flip=True), len(split.labels), 16) for split in (from_file, in_memory)
+    )
+    for read, indexed in zip(from_file_batches, in_memory_batches):
+        np.testing.assert_array_equal(read, indexed)
+
+
+def test_a_truncated_image_file_is_named(prepared_dir, tmp_path):
+    import shutil
+
+    from alexnet8.dataset import ImageReader, image_file, load_split
+    from alexnet8.errors import DataError
+
+    shutil.copytree(prepared_dir, tmp_path / "prepared")
+    split = load_split(tmp_path / "prepared", "train")
+    with open(split.images_path, "r+b") as stream:
+        stream.truncate(split.images_path.stat().st_size - 100)
+    with pytest.raises(DataError, match=image_file("train")):
+        ImageReader(split)(np.array([len(split.labels) - 1]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,38 @@ def label_file(split: str) -> str:
 class Split:
     images: np.ndarray  # float32, N x 32 x 32 x 3, memory-mapped read-only
     labels: np.ndarray  # uint8, N
+    images_path: Path | None = None  # the .npy file `images` maps, if any: read batches from it with read_images
+
+
+class ImageReader:
+    """Reads the images at given indices of a split, batch by batch.
+
+    From a split loaded by load_split it reads the rows straight from the .npy file (pread), so
+    the training set lives in the page cache, not in the process: neither a copy nor touched
+    memory-mapped pages count towards its resident memory. Otherwise it indexes the array.
+    """
+
+    def __init__(self, split: Split):
+        self.images = split.images
+        self.row_bytes = int(np.prod(split.images.shape[1:])) * split.images.itemsize
+        self.path = split.images_path
+        self.file = os.open(self.path, os.O_RDONLY) if self.path is not None else None
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        if self.file is None:
+            return np.take(self.images, index, axis=0)
+        batch = np.empty((len(index), *self.images.shape[1:]), self.images.dtype)
+        rows = batch.reshape(len(index), -1).view(np.uint8)
+        for position, row in enumerate(index):
+            if not 0 <= row < len(self.images):
+                raise IndexError(f"image {row} out of range for {self.path} ({len(self.images)} images)")
+            if os.preadv(self.file, [rows[position]], self.images.offset + int(row) * self.row_bytes) != self.row_bytes:
+                raise DataError(f"{self.path} is shorter than its header says: re-run the preprocess stage")
+        return batch
+
+    def __del__(self):
+        if getattr(self, "file", None) is not None:
+            os.close(self.file)
 
 
 def load_description(prepared_dir: str | Path) -> dict:
@@ -61,4 +94,4 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
         raise DataError(f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}")
     if len(labels) != len(images):
         raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")
-    return Split(images=images, labels=labels)
+    return Split(images=images, labels=labels, images_path=prepared_dir / image_file(split))

@@ -31,7 +31,7 @@ import tensorflow as tf
 from mlflow.models import infer_signature
 
 from alexnet8 import cli
-from alexnet8.dataset import Split, dataset_digest, load_description, load_split
+from alexnet8.dataset import ImageReader, Split, dataset_digest, load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.model import build_alexnet8
@@ -126,20 +126,25 @@ def make_dataset(
     random_flip: bool = False,
     random_crop_padding: int = 0,
 ) -> tf.data.Dataset:
-    """Batches of (images, labels) from one in-memory copy of the split, gathered by index.
+    """Batches of (images, labels) of the split, read from its file batch by batch (ImageReader).
 
     With `shuffle_seed`, the stream never ends and epoch e is a fresh permutation that depends
     only on (seed, e), as `model.fit(shuffle=True)` but stateless; augmentation draws from
     (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
     would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
     """
-    images = tf.constant(np.asarray(split.images))
+    reader = ImageReader(split)
     labels = tf.constant(np.asarray(split.labels))
     count = len(split.labels)
+    image_shape = split.images.shape[1:]
+
+    def read(index):
+        # Reading is deterministic, so tf.data may run it in parallel and ahead of the model.
+        images = tf.numpy_function(reader, [index], tf.float32, stateful=False)
+        return tf.ensure_shape(images, [None, *image_shape]), tf.gather(labels, index)
 
     if shuffle_seed is None:
-        batches = tf.data.Dataset.range(count).batch(batch_size)
-        return batches.map(lambda index: (tf.gather(images, index), tf.gather(labels, index))).prefetch(tf.data.AUTOTUNE)
+        return tf.data.Dataset.range(count).batch(batch_size).map(read).prefetch(tf.data.AUTOTUNE)
 
     seed = tf.constant(shuffle_seed, tf.int64)
 
@@ -148,14 +153,14 @@ def make_dataset(
         numbered = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
         return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
 
-    def gather(batch_seed, index):
-        batch = tf.gather(images, index)
+    def read_and_augment(batch_seed, index):
+        images, batch_labels = read(index)
         if random_flip or random_crop_padding:
-            batch = augment(batch, batch_seed, random_flip, random_crop_padding)
-        return batch, tf.gather(labels, index)
+            images = augment(images, batch_seed, random_flip, random_crop_padding)
+        return images, batch_labels
 
     batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
-    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return batches.map(read_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
