@@ -44,7 +44,7 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
 
     from alexnet8.dataset import load_split
     from alexnet8.params import load_params
-    from alexnet8.train import build_compiled_model, configure_runtime, make_dataset
+    from alexnet8.train import build_compiled_model, configure_runtime, training_dataset
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     train_params = params.train.model_copy(update=overrides)
@@ -69,8 +69,7 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
     meter = Throughput()
     started = time.perf_counter()
     model.fit(
-        make_dataset(split, train_params.batch_size, shuffle_seed=params.seed, random_flip=train_params.random_flip,
-                     random_crop_padding=train_params.random_crop_padding),
+        training_dataset(train_params, split, params.seed, num_classes=10),
         epochs=1,
         steps_per_epoch=math.ceil(train_images / train_params.batch_size),
         callbacks=[meter],

@@ -16,6 +16,7 @@ def test_the_shipped_params_are_the_original_scripts_defaults(default_params):
     train = default_params.train
     assert (train.optimizer, train.learning_rate, train.batch_size, train.epochs) == ("adam", 0.001, 32, 5)
     assert (train.dropout, train.dense_units) == (0.5, 2048)
+    assert (train.lr_batch_scaling, train.cutout_size, train.label_smoothing, train.random_flip) == ("none", 0, 0, False)
     assert default_params.preprocess.normalization == "unit"
     assert default_params.fetch.md5 == "c32a1d4ab5d03f1284b67883e8d87530"
 
@@ -69,6 +70,10 @@ BAD_PARAMS = [
     ("train.weight_decay", -0.01, "train.weight_decay: Input should be greater than or equal to 0"),
     ("train.random_flip", "yes", "train.random_flip: Input should be a valid boolean"),
     ("train.random_crop_padding", -4, "train.random_crop_padding: Input should be greater than or equal to 0"),
+    ("train.cutout_size", 33, "train.cutout_size: Input should be less than or equal to 32"),
+    ("train.label_smoothing", 1, "train.label_smoothing: Input should be less than 1"),
+    ("train.lr_batch_scaling", "cubic", "train.lr_batch_scaling: Input should be 'none', 'linear' or 'sqrt'"),
+    ("train.lr_reference_batch_size", 0, "train.lr_reference_batch_size: Input should be greater than 0"),
     ("train.jit_compile", 1, "train.jit_compile: Input should be a valid boolean"),
     ("preprocess.validation_fraction", 0, "preprocess.validation_fraction: Input should be greater than 0"),
     ("preprocess.validation_fraction", 1.5, "preprocess.validation_fraction: Input should be less than 1"),

@@ -88,11 +88,50 @@ def test_random_crop_is_a_window_of_the_reflect_padded_image():
 
 def test_augmentation_is_a_function_of_seed_and_epoch():
     split = _asymmetric_split()
-    options = dict(shuffle_seed=5, random_flip=True, random_crop_padding=4)
+    options = dict(shuffle_seed=5, random_flip=True, random_crop_padding=4, cutout_size=8)
     epoch_two, _ = _first_epoch(make_dataset(split, 16, first_epoch=2, **options), 64, 16)
     from_start = make_dataset(split, 16, **options).skip(2 * 4)
     again, _ = _first_epoch(from_start, 64, 16)
     np.testing.assert_array_equal(epoch_two, again)  # what a resumed run sees at epoch 2
+
+
+def test_cutout_zeroes_one_square_per_image_and_keeps_labels():
+    split = _asymmetric_split()
+    images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, cutout_size=8), 64, 16)
+    for image, label in zip(images, labels):
+        [match] = [index for index, original in enumerate(split.images) if np.array_equal((image == 0) | (image == original), np.ones_like(image, bool))]
+        assert split.labels[match] == label
+        zero_rows, zero_columns = np.nonzero((image == 0).all(axis=2))
+        # One rectangle of at most 8 x 8 (smaller where it hangs over an edge), at least 4 x 4.
+        height, width = np.ptp(zero_rows) + 1, np.ptp(zero_columns) + 1
+        assert 4 <= height <= 8 and 4 <= width <= 8 and len(zero_rows) == height * width
+
+
+def test_label_smoothing_trains_on_smoothed_one_hot_targets(prepared_dir, tmp_path, default_params):
+    from alexnet8.dataset import load_split
+    from alexnet8.train import build_compiled_model, training_dataset
+
+    params = TrainParams(**(default_params.train.model_dump() | {"label_smoothing": 0.1, "dense_units": 16}))
+    split = load_split(prepared_dir, "train")
+    _, labels = next(training_dataset(params, split, seed=1, num_classes=10).as_numpy_iterator())
+    assert labels.shape == (32, 10) and np.all(labels.sum(axis=1) == 1)
+    model = build_compiled_model(params, num_classes=10, steps_per_epoch=4)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    # A confident right answer still costs something: the target is 0.91 / 0.01, not 1 / 0.
+    confident = np.full((1, 10), 1e-6, np.float32)
+    confident[0, 3] = 1 - 9e-6
+    assert float(model.loss(np.eye(10, dtype=np.float32)[[3]], confident)) > 0.1
+
+
+@pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_learning_rate_scales_with_the_batch_size(default_params, scaling, factor):
+    from alexnet8.train import peak_learning_rate
+
+    params = TrainParams(**(default_params.train.model_dump() | {
+        "batch_size": 128, "lr_batch_scaling": scaling, "lr_reference_batch_size": 32, "lr_schedule": "warmup_cosine", "warmup_fraction": 0.1}))
+    assert peak_learning_rate(params) == pytest.approx(0.001 * factor)
+    schedule = learning_rate(params, steps_per_epoch=10)
+    assert max(float(schedule(step)) for step in range(51)) == pytest.approx(0.001 * factor)
 
 
 def test_validation_and_test_data_are_never_augmented():

@@ -69,12 +69,16 @@ class TrainParams(_Section):
     batch_size: Annotated[int, Field(gt=0)]
     optimizer: Literal["adam", "adamw", "sgd"]
     learning_rate: Annotated[Number, Field(gt=0)]
+    lr_batch_scaling: Literal["none", "linear", "sqrt"]
+    lr_reference_batch_size: Annotated[int, Field(gt=0)]
     lr_schedule: Literal["constant", "warmup_cosine"]
     warmup_fraction: Annotated[Number, Field(ge=0, lt=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     weight_decay: Annotated[Number, Field(ge=0)]
     random_flip: bool
     random_crop_padding: Annotated[int, Field(ge=0, le=16)]
+    cutout_size: Annotated[int, Field(ge=0, le=32)]
+    label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
     jit_compile: bool

@@ -102,12 +102,12 @@ class RandomStateBackup(keras.callbacks.Callback):
             np.savez(temporary, **{name: np.asarray(variable) for name, variable in self._states().items()})
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int) -> tf.Tensor:
-    """Random horizontal flip and random crop of the reflect-padded image, per image, stateless in `seed`."""
+def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int, cutout_size: int = 0) -> tf.Tensor:
+    """Random horizontal flip, random crop of the reflect-padded image and cutout, per image, stateless in `seed`."""
+    size = images.shape[1]
     if flip:
         images = tf.image.stateless_random_flip_left_right(images, seed=seed)
     if crop_padding:
-        size = images.shape[1]
         padded = tf.pad(images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT")
         offsets = tf.random.stateless_uniform(
             [tf.shape(images)[0], 2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32
@@ -115,6 +115,16 @@ def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int) -
         rows = offsets[:, :1] + tf.range(size)[None, :]
         columns = offsets[:, 1:] + tf.range(size)[None, :]
         images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
+    if cutout_size:
+        # The square's centre is anywhere in the image, so it may hang over an edge (DeVries & Taylor, 2017).
+        corners = tf.random.stateless_uniform(
+            [tf.shape(images)[0], 2], seed=tf.random.experimental.stateless_fold_in(seed, 1), minval=0, maxval=size, dtype=tf.int32
+        ) - cutout_size // 2
+        pixels = tf.range(size)[None, :]
+        inside_rows = (pixels >= corners[:, :1]) & (pixels < corners[:, :1] + cutout_size)
+        inside_columns = (pixels >= corners[:, 1:]) & (pixels < corners[:, 1:] + cutout_size)
+        inside = inside_rows[:, :, None, None] & inside_columns[:, None, :, None]
+        images = tf.where(inside, tf.zeros_like(images), images)
     return images
 
 
@@ -125,6 +135,8 @@ def make_dataset(
     first_epoch: int = 0,
     random_flip: bool = False,
     random_crop_padding: int = 0,
+    cutout_size: int = 0,
+    one_hot_classes: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (images, labels) of the split, read from its file batch by batch (ImageReader).
 
@@ -132,6 +144,7 @@ def make_dataset(
     only on (seed, e), as `model.fit(shuffle=True)` but stateless; augmentation draws from
     (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
     would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
+    With `one_hot_classes`, labels are one-hot vectors of that length (for label smoothing).
     """
     reader = ImageReader(split)
     labels = tf.constant(np.asarray(split.labels))
@@ -141,7 +154,10 @@ def make_dataset(
     def read(index):
         # Reading is deterministic, so tf.data may run it in parallel and ahead of the model.
         images = tf.numpy_function(reader, [index], tf.float32, stateful=False)
-        return tf.ensure_shape(images, [None, *image_shape]), tf.gather(labels, index)
+        batch_labels = tf.gather(labels, index)
+        if one_hot_classes:
+            batch_labels = tf.one_hot(batch_labels, one_hot_classes)
+        return tf.ensure_shape(images, [None, *image_shape]), batch_labels
 
     if shuffle_seed is None:
         return tf.data.Dataset.range(count).batch(batch_size).map(read).prefetch(tf.data.AUTOTUNE)
@@ -155,26 +171,52 @@ def make_dataset(
 
     def read_and_augment(batch_seed, index):
         images, batch_labels = read(index)
-        if random_flip or random_crop_padding:
-            images = augment(images, batch_seed, random_flip, random_crop_padding)
+        if random_flip or random_crop_padding or cutout_size:
+            images = augment(images, batch_seed, random_flip, random_crop_padding, cutout_size)
         return images, batch_labels
 
     batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
     return batches.map(read_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
+def one_hot_labels(params: TrainParams, num_classes: int) -> int:
+    """Label smoothing needs one-hot targets: their length, or 0 for class indices."""
+    return num_classes if params.label_smoothing else 0
+
+
+def training_dataset(params: TrainParams, split: Split, seed: int, num_classes: int, first_epoch: int = 0) -> tf.data.Dataset:
+    """The endless, shuffled and augmented training stream that `params` describe (see make_dataset)."""
+    return make_dataset(
+        split,
+        params.batch_size,
+        shuffle_seed=seed,
+        first_epoch=first_epoch,
+        random_flip=params.random_flip,
+        random_crop_padding=params.random_crop_padding,
+        cutout_size=params.cutout_size,
+        one_hot_classes=one_hot_labels(params, num_classes),
+    )
+
+
+def peak_learning_rate(params: TrainParams) -> float:
+    """`learning_rate`, scaled to the batch size when `lr_batch_scaling` asks (linear: Goyal et al., 2017)."""
+    ratio = params.batch_size / params.lr_reference_batch_size
+    return params.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[params.lr_batch_scaling]
+
+
 def learning_rate(params: TrainParams, steps_per_epoch: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """The learning rate, or per-step schedule: `warmup_cosine` rises linearly from
-    learning_rate / 25 to learning_rate over `warmup_fraction` of all steps, then follows a
-    cosine down to 0 (the one-cycle shape)."""
+    peak / 25 to the peak over `warmup_fraction` of all steps, then follows a cosine down to 0
+    (the one-cycle shape). The peak is peak_learning_rate."""
+    peak = peak_learning_rate(params)
     if params.lr_schedule == "constant":
-        return params.learning_rate
+        return peak
     total_steps = params.epochs * steps_per_epoch
     warmup_steps = int(params.warmup_fraction * total_steps)
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=params.learning_rate / 25 if warmup_steps else params.learning_rate,
+        initial_learning_rate=peak / 25 if warmup_steps else peak,
         decay_steps=max(total_steps - warmup_steps, 1),
-        warmup_target=params.learning_rate if warmup_steps else None,
+        warmup_target=peak if warmup_steps else None,
         warmup_steps=warmup_steps,
         alpha=0.0,
     )
@@ -192,10 +234,17 @@ def make_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizer
 
 def build_compiled_model(params: TrainParams, num_classes: int, steps_per_epoch: int) -> keras.Model:
     model = build_alexnet8(num_classes=num_classes, dense_units=params.dense_units, dropout=params.dropout)
+    if params.label_smoothing:
+        # Smoothing needs one-hot targets (make_dataset's one_hot_classes); same metric names either way.
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     model.compile(
         optimizer=make_optimizer(params, steps_per_epoch),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=loss,
+        metrics=[accuracy],
         jit_compile=params.jit_compile,
     )
     return model
@@ -257,15 +306,8 @@ def train_model(
     # BackupAndRestore needs a built optimizer to restore its state into.
     model.optimizer.build(model.trainable_variables)
     model.fit(
-        make_dataset(
-            train_split,
-            params.batch_size,
-            shuffle_seed=seed,
-            first_epoch=first_epoch,
-            random_flip=params.random_flip,
-            random_crop_padding=params.random_crop_padding,
-        ),
-        validation_data=make_dataset(validation_split, params.batch_size),
+        training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch),
+        validation_data=make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot_labels(params, num_classes)),
         epochs=params.epochs,
         steps_per_epoch=steps_per_epoch,
         shuffle=False,  # the dataset shuffles itself, per epoch
@@ -392,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with start_pipeline_run(
         params.mlflow.experiment_name, run_name(params), arguments.run_file, resume_from=backup_dir / "mlflow_run.json"
     ):
-        mlflow.log_params(params.flat())
+        # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
+        mlflow.log_params(params.flat() | {"derived.peak_learning_rate": peak_learning_rate(params.train)})
         mlflow.set_tags(
             provenance_tags()
             | {
