@@ -32,10 +32,10 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
             "train_metrics": "reports/train.json", "test_metrics": "reports/test.json",
             "predictions": "reports/predictions.csv", "curves": "reports/curves.png", "confusion": "reports/confusion.png",
         }.items()}
-        common = ["--params", str(params), "--data", str(prepared_dir), "--run-file", str(paths["run_file"])]
-        train_main([*common, "--model", str(paths["model"]), "--history", str(paths["history"]), "--metrics", str(paths["train_metrics"]),
+        common = ["--data", str(prepared_dir), "--run-file", str(paths["run_file"])]
+        train_main(["--params", str(params), *common, "--model", str(paths["model"]), "--history", str(paths["history"]), "--metrics", str(paths["train_metrics"]),
                     "--checkpoints", str(folder / "checkpoints")])
-        evaluate_main([*common, "--model", str(paths["model"]), "--metrics", str(paths["test_metrics"]), "--predictions", str(paths["predictions"])])
+        evaluate_main(["--params", str(params), *common, "--model", str(paths["model"]), "--metrics", str(paths["test_metrics"]), "--predictions", str(paths["predictions"])])
         plot_main([*common, "--history", str(paths["history"]), "--predictions", str(paths["predictions"]), "--curves", str(paths["curves"]), "--confusion", str(paths["confusion"])])
     return paths, tracking_uri
 

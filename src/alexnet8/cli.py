@@ -17,10 +17,11 @@ from alexnet8.errors import PipelineError
 logger = logging.getLogger("alexnet8")
 
 
-def parser(description: str | None) -> argparse.ArgumentParser:
-    """An argument parser with the `--params` option every stage takes."""
+def parser(description: str | None, reads_params: bool = True) -> argparse.ArgumentParser:
+    """An argument parser, with the `--params` option for the stages that read params."""
     argument_parser = argparse.ArgumentParser(description=description)
-    argument_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    if reads_params:
+        argument_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return argument_parser
 
 

@@ -1,11 +1,12 @@
 """The prepared dataset's file layout, and loading it for training and evaluation.
 
 Reads: the folder written by the preprocess stage (`<split>_images.npy`, `<split>_labels.npy`,
-dataset.json). Writes: nothing.
+dataset.json), and the per-epoch training history CSV. Writes: nothing.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -95,3 +96,9 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
     if len(labels) != len(images):
         raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")
     return Split(images=images, labels=labels, images_path=prepared_dir / image_file(split))
+
+
+def read_history_rows(path: str | Path) -> list[dict[str, float]]:
+    """Keras CSVLogger's file (the train stage's history) as one {metric: value} per epoch, in order."""
+    with open(path, newline="", encoding="utf-8") as stream:
+        return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in csv.DictReader(stream)]

@@ -23,7 +23,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alexnet8 import cli  # noqa: E402
-from alexnet8.dataset import load_description  # noqa: E402
+from alexnet8.dataset import load_description, read_history_rows  # noqa: E402
 from alexnet8.errors import DataError  # noqa: E402
 from alexnet8.files import atomic_path  # noqa: E402
 from alexnet8.tracking import resume_pipeline_run  # noqa: E402
@@ -40,11 +40,14 @@ def _read_csv(path: str | Path) -> list[dict[str, str]]:
 
 
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
-    """The CSV written by Keras' CSVLogger, as column -> values, ordered by epoch."""
-    rows = _read_csv(path)
+    """The train stage's history CSV as metric -> values, ordered by epoch."""
+    try:
+        rows = read_history_rows(path)
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run the train stage first") from None
     if not rows:
         raise DataError(f"{path}: no epochs recorded")
-    return {column: np.array([float(row[column]) for row in rows]) for column in rows[0]}
+    return {metric: np.array([row[metric] for row in rows]) for metric in rows[0]}
 
 
 def confusion_matrix(predictions: list[dict[str, str]], class_names: Sequence[str]) -> np.ndarray:
@@ -58,7 +61,7 @@ def confusion_matrix(predictions: list[dict[str, str]], class_names: Sequence[st
 
 def curves_figure(history: dict[str, np.ndarray]) -> plt.Figure:
     """Accuracy (left) and loss (right), training and validation, per epoch: the original's figure."""
-    epochs = history["epoch"] + 1
+    epochs = np.arange(1, len(history["loss"]) + 1)
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for axes, metric, title in ((accuracy_axes, "accuracy", "Accuracy"), (loss_axes, "loss", "Loss")):
         axes.plot(epochs, history[metric], marker="o", label=f"Training {title}")
@@ -97,7 +100,7 @@ def save_figure(figure: plt.Figure, path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
+    argument_parser = cli.parser(__doc__.splitlines()[0], reads_params=False)
     argument_parser.add_argument("--history", required=True, help="per-epoch history CSV")
     argument_parser.add_argument("--predictions", required=True, help="test predictions CSV")
     argument_parser.add_argument("--data", required=True, help="prepared dataset folder (for class names)")

@@ -13,7 +13,6 @@ interruption; it is deleted once the model is saved and logged.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ import tensorflow as tf
 from mlflow.models import infer_signature
 
 from alexnet8 import cli
-from alexnet8.dataset import ImageReader, Split, dataset_digest, load_description, load_split
+from alexnet8.dataset import ImageReader, Split, dataset_digest, load_description, load_split, read_history_rows
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.model import build_alexnet8
@@ -259,12 +258,6 @@ def completed_epochs(backup_dir: str | Path) -> int:
         return 0
     except (ValueError, KeyError, TypeError) as error:
         raise PipelineError(f"{metadata}: unreadable training state ({error}); delete {backup_dir} to start over") from None
-
-
-def read_history_rows(path: str | Path) -> list[dict[str, float]]:
-    """Keras CSVLogger's file as one {metric: value} per epoch."""
-    with open(path, newline="", encoding="utf-8") as stream:
-        return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in csv.DictReader(stream)]
 
 
 def keep_history_rows(path: Path, epochs: int) -> None:
