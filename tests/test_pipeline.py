@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -156,6 +158,30 @@ def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
     assert runs["lr-low"].data.params["train.learning_rate"] == "0.0005"
     _run(["git", "checkout", "--", "params.yaml"], project)
     _run(["dvc", "checkout"], project)
+
+
+def test_queued_experiments_run_by_dvc_queue_start_each_become_an_mlflow_run(project):
+    rates = {"queued-fast": 0.002, "queued-slow": 0.0002}
+    for name, rate in rates.items():
+        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.learning_rate={rate}"], project)
+    _run(["dvc", "queue", "start", "--jobs", "1"], project)  # returns at once: a worker runs the queue
+    deadline = time.monotonic() + 900
+    while re.search(r"\b(Queued|Running)\b", status := _run(["dvc", "queue", "status"], project)):
+        assert time.monotonic() < deadline, f"the queue did not finish in 15 minutes:\n{status}"
+        time.sleep(5)
+    assert all(re.search(rf"{name}\s.*Success", status) for name in rates), status
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--csv"], project)
+    assert all(name in shown for name in rates)
+
+    # Queued experiments run in temporary copies under .dvc/tmp/exps, yet log to the project's store.
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = {run.data.tags.get("dvc.experiment"): run for run in client.search_runs(
+        experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])}
+    for name, rate in rates.items():
+        run = runs[name]
+        assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == str(rate)
+        assert "test_accuracy" in run.data.metrics and "accuracy" in run.data.metrics
+    assert runs["queued-fast"].info.run_id != runs["queued-slow"].info.run_id
 
 
 def test_an_edited_param_shows_in_params_diff_and_reruns_only_what_depends_on_it(project):

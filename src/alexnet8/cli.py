@@ -42,7 +42,13 @@ def run(stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | Non
         sys.exit(1)
     except KeyboardInterrupt:
         logger.error("interrupted; run the stage again (`dvc repro`) to resume training from the last completed epoch")
-        sys.exit(130)
+        # Everything was cleaned up while unwinding (MLflow run ended as KILLED, temporary files
+        # removed). Skip interpreter shutdown: it can block for minutes joining tf.data worker
+        # threads that were stopped mid-batch (seen after a SIGTERM in the middle of an epoch).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 def _interrupt(signum, frame):
