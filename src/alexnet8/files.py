@@ -18,6 +18,19 @@ from pathlib import Path
 CHUNK_BYTES = 1 << 20
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(temporary: Path, path: Path, mode: int) -> None:
+    # mkstemp/mkdtemp create private (0600/0700) entries; give the result the mode a plain
+    # open()/mkdir() would have, so outputs stay readable by whoever may read the project.
+    temporary.chmod(mode & ~_umask())
+    os.replace(temporary, path)
+
+
 def file_md5(path: str | Path) -> str:
     """The md5 of a file, read in chunks."""
     digest = hashlib.md5()
@@ -40,7 +53,7 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
-        os.replace(temporary_path, path)
+        _publish(temporary_path, path, 0o666)
     finally:
         temporary_path.unlink(missing_ok=True)
 
@@ -55,7 +68,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         yield temporary
         if path.exists():
             shutil.rmtree(path)
-        os.replace(temporary, path)
+        _publish(temporary, path, 0o777)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
