@@ -11,7 +11,8 @@ written: shared/bench/seed_baseline.py on our machines). The archive is preproce
 preprocess stage at params.yaml's values). Then, for each round, the reference and each of our
 configurations run one after the other, each in its own process, on the same number of training
 images (N, batch size from params.yaml: same steps), so that machine noise hits all alike. Ours
-holds the whole training split in memory as the train stage does and trains N / batch steps.
+reads the training split from its .npy file batch by batch, as the train stage does, for N /
+batch steps.
 
 Throughput counts as the reference does: training images per second over the time spent
 inside batches, leaving out the first 5 (tracing, warm-up). Peak RSS is each process's own
