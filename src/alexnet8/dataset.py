@@ -33,7 +33,7 @@ def label_file(split: str) -> str:
 class Split:
     images: np.ndarray  # float32, N x 32 x 32 x 3, memory-mapped read-only
     labels: np.ndarray  # uint8, N
-    images_path: Path | None = None  # the .npy file `images` maps, if any: read batches from it with read_images
+    images_path: Path | None = None  # the .npy file `images` maps, if any: ImageReader reads batches from it
 
 
 class ImageReader:
