@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""What MLflow tracking adds to a train stage, in seconds: every tracking call train.main makes.
+
+Usage:
+  python bench/mlflow_cost.py [--epochs 5]
+
+In a temporary folder (its own local store, nothing else touched), with the project's params.yaml
+and the full-size AlexNet8 (untrained: logging does not depend on the weights' values), times:
+starting the pipeline's run, its params, provenance tags and artifacts, one synchronous metrics
+call per epoch, and logging the model (signature, input example). Prints each, and the total;
+divide by the training time of an epoch times the epochs for the share of the train stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=5)
+    arguments = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+    import mlflow
+    import numpy as np
+
+    from alexnet8.model import build_alexnet8
+    from alexnet8.params import load_params
+    from alexnet8.tracking import installed_packages, provenance_tags, start_pipeline_run
+    from alexnet8.train import log_model
+
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    model = build_alexnet8(dense_units=params.train.dense_units, dropout=params.train.dropout)
+    images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        os.chdir(folder)
+        started = time.perf_counter()
+        with start_pipeline_run(params.mlflow.experiment_name, "mlflow-cost", Path(folder) / "run.json"):
+            seconds["start the run"] = time.perf_counter() - started
+            started = time.perf_counter()
+            mlflow.log_params(params.flat())
+            mlflow.set_tags(provenance_tags())
+            mlflow.log_artifact(str(PROJECT_ROOT / "params.yaml"), artifact_path="provenance")
+            mlflow.log_text(installed_packages(), "provenance/packages.txt")
+            seconds["params, tags, provenance"] = time.perf_counter() - started
+            started = time.perf_counter()
+            for epoch in range(arguments.epochs):
+                mlflow.log_metrics({"accuracy": 0.5, "loss": 1.5, "val_accuracy": 0.5, "val_loss": 1.5}, step=epoch, synchronous=True)
+            seconds[f"metrics of {arguments.epochs} epochs"] = time.perf_counter() - started
+            started = time.perf_counter()
+            log_model(model, images)
+            seconds["the model"] = time.perf_counter() - started
+        os.chdir(PROJECT_ROOT)
+    for name, value in seconds.items():
+        logging.info("%-28s %6.2f s", name, value)
+    logging.info("%-28s %6.2f s", "total", sum(seconds.values()))
+
+
+if __name__ == "__main__":
+    main()
