@@ -19,9 +19,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Every test logs to its own SQLite store, never to the project's mlflow.db."""
+    """Every test logs to its own SQLite store, never to the project's mlflow.db or mlruns/."""
     import mlflow
 
+    # A new SQLite store puts artifacts in ./mlruns: run in the test's folder, not the project's.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment sets it

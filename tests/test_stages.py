@@ -26,6 +26,7 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
         params = write_params(folder / "params.yaml", **SMALL)
         paths = {name: folder / relative for name, relative in {
             "model": "models/model.keras", "run_file": "models/run.json", "history": "reports/history.csv",
