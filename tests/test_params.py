@@ -73,6 +73,7 @@ BAD_PARAMS = [
     ("train.cutout_size", 33, "train.cutout_size: Input should be less than or equal to 32"),
     ("train.label_smoothing", 1, "train.label_smoothing: Input should be less than 1"),
     ("train.lr_batch_scaling", "cubic", "train.lr_batch_scaling: Input should be 'none', 'linear' or 'sqrt'"),
+    ("train.precision", "float16", "train.precision: Input should be 'float32', 'mixed_float16' or 'mixed_bfloat16'"),
     ("train.lr_reference_batch_size", 0, "train.lr_reference_batch_size: Input should be greater than 0"),
     ("train.jit_compile", 1, "train.jit_compile: Input should be a valid boolean"),
     ("preprocess.validation_fraction", 0, "preprocess.validation_fraction: Input should be greater than 0"),

@@ -152,20 +152,21 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     assert tta["loss"] == pytest.approx(mirror["loss"], rel=1e-5)  # symmetric in the flip
 
 
-def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params):
-    """mixed_float16 and XLA are for GPUs, but the same code path must run anywhere."""
+@pytest.mark.parametrize(("precision", "compute_dtype"), [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
+def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, precision, compute_dtype):
+    """Mixed precision and XLA are mostly for accelerators, but the same code path must run anywhere."""
     import keras
 
     from alexnet8.dataset import load_split
     from alexnet8.train import configure_runtime, distribution_strategy, train_model
 
     params = TrainParams(**(default_params.train.model_dump() | {
-        "epochs": 1, "batch_size": 16, "dense_units": 16, "mixed_precision": True, "jit_compile": True}))
+        "epochs": 1, "batch_size": 16, "dense_units": 16, "precision": precision, "jit_compile": True}))
     configure_runtime(params)
     try:
-        assert keras.mixed_precision.global_policy().name == "mixed_float16"
+        assert keras.mixed_precision.global_policy().name == precision
         model, history = train_model(params, 1, load_split(prepared_dir, "train"), load_split(prepared_dir, "validation"), 10, tmp_path / "b")
-        assert model.get_layer("conv1").compute_dtype == "float16" and model.output.dtype == "float32"
+        assert model.get_layer("conv1").compute_dtype == compute_dtype and model.output.dtype == "float32"
         assert np.isfinite(history["loss"]).all()
         assert distribution_strategy().num_replicas_in_sync == 1  # no GPU here: TensorFlow's default strategy
     finally:

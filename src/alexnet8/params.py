@@ -82,7 +82,7 @@ class TrainParams(_Section):
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
     jit_compile: bool
-    mixed_precision: bool
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"]
     deterministic: bool
 
 

@@ -392,7 +392,7 @@ def configure_runtime(params: TrainParams) -> None:
     if params.deterministic:
         # Same seed, data and machine -> bit-identical weights (see README, "Reproducibility").
         tf.config.experimental.enable_op_determinism()
-    keras.mixed_precision.set_global_policy("mixed_float16" if params.mixed_precision else "float32")
+    keras.mixed_precision.set_global_policy(params.precision)
 
 
 def distribution_strategy() -> tf.distribute.Strategy:
