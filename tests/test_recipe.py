@@ -199,3 +199,15 @@ def test_a_truncated_image_file_is_named(prepared_dir, tmp_path):
         stream.truncate(split.images_path.stat().st_size - 100)
     with pytest.raises(DataError, match=image_file("train")):
         ImageReader(split)(np.array([len(split.labels) - 1]))
+
+
+def test_evaluation_reads_the_test_file_batch_by_batch_with_keras_predictions(prepared_dir):
+    from alexnet8.dataset import load_split
+
+    model = build_alexnet8(dense_units=16)
+    split = load_split(prepared_dir, "test")
+    classes = [str(index) for index in range(10)]
+    metrics, predicted = evaluate_model(model, split, classes, batch_size=16)  # 40 images: a short last batch
+    expected = model.predict(np.asarray(split.images), batch_size=16, verbose=0).argmax(axis=1)
+    np.testing.assert_array_equal(predicted, expected)
+    assert metrics["accuracy"] == pytest.approx(np.mean(expected == np.asarray(split.labels)))

@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 
 from alexnet8 import cli
-from alexnet8.dataset import Split, load_description, load_split
+from alexnet8.dataset import ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.params import load_params
@@ -45,12 +45,18 @@ def evaluate_model(
     """Test loss, accuracy and per-class accuracy; and the predicted class of every image.
 
     With `flip_tta`, each image's probabilities are the mean of its own and its mirror image's.
+    Images are read batch by batch (ImageReader), so the split is never copied into the process.
     """
-    images = np.asarray(split.images)
     labels = np.asarray(split.labels).astype(np.int64)
-    probabilities = model.predict(images, batch_size=batch_size, verbose=0)
-    if flip_tta:
-        probabilities = (probabilities + model.predict(images[:, :, ::-1], batch_size=batch_size, verbose=0)) / 2
+    reader = ImageReader(split)
+    batches = []
+    for start in range(0, len(labels), batch_size):
+        images = reader(np.arange(start, min(start + batch_size, len(labels))))
+        batch_probabilities = model.predict_on_batch(images)
+        if flip_tta:
+            batch_probabilities = (batch_probabilities + model.predict_on_batch(images[:, :, ::-1])) / 2
+        batches.append(batch_probabilities)
+    probabilities = np.concatenate(batches)
     predicted = probabilities.argmax(axis=1)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
     per_class = {
