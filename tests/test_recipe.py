@@ -12,12 +12,20 @@ from alexnet8.params import TrainParams
 from alexnet8.train import learning_rate, make_dataset, make_optimizer
 from conftest import write_params
 
-# The recipe documented in the README ("Accuracy"), as `dvc exp run -S` overrides.
+# The recipes of the README's "Accuracy" table, as `dvc exp run -S` overrides.
 RECIPE = {
     "preprocess.normalization": "standardize", "train.batch_size": 64, "train.optimizer": "adamw",
     "train.learning_rate": 0.002, "train.lr_schedule": "warmup_cosine", "train.warmup_fraction": 0.2,
     "train.weight_decay": 0.0005, "train.random_flip": True, "train.random_crop_padding": 2, "train.dropout": 0.25,
     "train.jit_compile": True, "evaluate.flip_tta": True,
+}
+BFLOAT16 = {"train.jit_compile": False, "train.precision": "mixed_bfloat16"}
+RECIPES = {
+    "recipe-fast": RECIPE,
+    "recipe-ls": RECIPE | {"train.batch_size": 32, "train.learning_rate": 0.0015, "train.warmup_fraction": 0.15, "train.label_smoothing": 0.1},
+    "recipe-bf16": RECIPE | BFLOAT16,
+    "recipe-flip": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0},
+    "recipe-nodrop": RECIPE | BFLOAT16 | {"train.dropout": 0.0},
 }
 
 
@@ -28,8 +36,14 @@ def recipe(tmp_path):
     return load_params(write_params(tmp_path / "params.yaml", **RECIPE))
 
 
-def test_the_recipe_is_accepted(recipe):
-    assert recipe.train.optimizer == "adamw" and recipe.train.random_crop_padding == 2 and recipe.evaluate.flip_tta
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_recipe_is_accepted(tmp_path, name):
+    from alexnet8.params import load_params
+
+    params = load_params(write_params(tmp_path / "params.yaml", **RECIPES[name]))
+    for dotted, value in RECIPES[name].items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(params, section), key) == value, dotted
 
 
 def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):

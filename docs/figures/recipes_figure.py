@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Validation accuracy and loss per epoch of several recipes on one figure (the README's).
+
+Usage: python docs/figures/recipes_figure.py OUT.png NAME=HISTORY.csv [NAME=HISTORY.csv ...]
+
+Each HISTORY.csv is a train stage's `reports/train_history.csv` (Keras' CSVLogger format).
+Reads only those files; writes OUT.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from alexnet8.plot import read_history, save_figure  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("histories", nargs="+", metavar="NAME=HISTORY.csv")
+    arguments = parser.parse_args()
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for pair in arguments.histories:
+        name, _, path = pair.partition("=")
+        history = read_history(path)
+        epochs = np.arange(1, len(history["loss"]) + 1)
+        for axes, metric in ((accuracy_axes, "accuracy"), (loss_axes, "loss")):
+            (line,) = axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"{name} (validation)")
+            axes.plot(epochs, history[metric], linestyle="--", color=line.get_color(), alpha=0.6)
+    for axes, title in ((accuracy_axes, "Accuracy"), (loss_axes, "Loss")):
+        axes.set_title(f"{title} per epoch (solid: validation, dashed: training)")
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.tight_layout()
+    save_figure(figure, arguments.out)
+
+
+if __name__ == "__main__":
+    main()
