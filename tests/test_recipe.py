@@ -26,6 +26,7 @@ RECIPES = {
     "recipe-bf16": RECIPE | BFLOAT16,
     "recipe-flip": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0},
     "recipe-nodrop": RECIPE | BFLOAT16 | {"train.dropout": 0.0},
+    "recipe-lean": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0, "train.dropout": 0.0},
 }
 
 
