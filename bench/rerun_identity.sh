@@ -41,14 +41,11 @@ PY
 
 digest() {
   python - <<'PY'
-import hashlib
-
 import keras
-import numpy as np
 
-model = keras.models.load_model("models/model.keras")
-weights = b"".join(np.ascontiguousarray(array).tobytes() for array in model.get_weights())
-print(hashlib.sha256(weights).hexdigest(), " model weights")
+from alexnet8.model import weights_digest
+
+print(weights_digest(keras.models.load_model("models/model.keras")), " model weights")
 PY
   sha256sum reports/*.json reports/*.csv data/prepared/*.npy
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -106,8 +105,9 @@ def test_second_repro_runs_nothing(project):
 def _weights_digest(model_path: Path) -> str:
     import keras
 
-    model = keras.models.load_model(model_path)
-    return hashlib.sha256(b"".join(np.ascontiguousarray(weights).tobytes() for weights in model.get_weights())).hexdigest()
+    from alexnet8.model import weights_digest
+
+    return weights_digest(keras.models.load_model(model_path))
 
 
 def test_forced_reruns_are_bit_identical(project):

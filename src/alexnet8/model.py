@@ -10,7 +10,10 @@ units it has 9,639,178 parameters, as the original.
 
 from __future__ import annotations
 
+import hashlib
+
 import keras
+import numpy as np
 from keras import layers
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -47,3 +50,11 @@ def build_alexnet8(num_classes: int = 10, dense_units: int = 2048, dropout: floa
     # float32 probabilities even under a mixed-precision policy, where float16 softmax loses accuracy.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="class_probabilities")(x)
     return keras.Model(inputs, outputs, name="alexnet8")
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 of all the model's weight arrays, in order: equal digests mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()

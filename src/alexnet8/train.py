@@ -366,6 +366,18 @@ def log_model(model: keras.Model, example_images: np.ndarray, registered_model_n
     )
 
 
+def log_run_inputs(params: Params, params_file: str | Path, data_tags: dict[str, str]) -> None:
+    """Into the active run: every param, the provenance tags (with `data_tags`), and as artifacts
+    the params file, dvc.lock (if any) and the installed packages."""
+    # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
+    mlflow.log_params(params.flat() | {"derived.peak_learning_rate": peak_learning_rate(params.train)})
+    mlflow.set_tags(provenance_tags() | data_tags)
+    mlflow.log_artifact(str(params_file), artifact_path="provenance")
+    if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
+        mlflow.log_artifact("dvc.lock", artifact_path="provenance")
+    mlflow.log_text(installed_packages(), "provenance/packages.txt")
+
+
 def training_key(params: Params, description: dict) -> str:
     """A digest of everything a checkpoint depends on: train params, seed and the prepared data."""
     identity = {"train": params.train.model_dump(), "seed": params.seed, "data": description}
@@ -427,20 +439,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     with start_pipeline_run(
         params.mlflow.experiment_name, run_name(params), arguments.run_file, resume_from=backup_dir / "mlflow_run.json"
     ):
-        # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
-        mlflow.log_params(params.flat() | {"derived.peak_learning_rate": peak_learning_rate(params.train)})
-        mlflow.set_tags(
-            provenance_tags()
-            | {
-                "data.archive_md5": description["archive_md5"],
-                "data.prepared_md5": dataset_digest(arguments.data),
-                "data.sizes": str(description["sizes"]),
-            }
-        )
-        mlflow.log_artifact(arguments.params, artifact_path="provenance")
-        if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
-            mlflow.log_artifact("dvc.lock", artifact_path="provenance")
-        mlflow.log_text(installed_packages(), "provenance/packages.txt")
+        data_tags = {
+            "data.archive_md5": description["archive_md5"],
+            "data.prepared_md5": dataset_digest(arguments.data),
+            "data.sizes": str(description["sizes"]),
+        }
+        log_run_inputs(params, arguments.params, data_tags)
         model, history = train_model(
             params.train,
             params.seed,
