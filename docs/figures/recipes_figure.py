@@ -10,6 +10,7 @@ Reads only those files; writes OUT.png.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -17,18 +18,27 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from alexnet8.errors import DataError  # noqa: E402
 from alexnet8.plot import read_history, save_figure  # noqa: E402
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("histories", nargs="+", metavar="NAME=HISTORY.csv")
-    arguments = parser.parse_args()
-    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    arguments = parser.parse_args(argv)
+    recipes = []
     for pair in arguments.histories:
-        name, _, path = pair.partition("=")
-        history = read_history(path)
+        name, separator, path = pair.partition("=")
+        if not (separator and name and path):
+            parser.error(f"expected NAME=HISTORY.csv, got {pair!r}")
+        # Read every history before drawing, so a bad file stops the script before OUT.png is touched.
+        try:
+            recipes.append((name, read_history(path)))
+        except DataError as error:
+            parser.error(str(error))
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, history in recipes:
         epochs = np.arange(1, len(history["loss"]) + 1)
         for axes, metric in ((accuracy_axes, "accuracy"), (loss_axes, "loss")):
             (line,) = axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"{name} (validation)")
