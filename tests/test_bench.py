@@ -1,0 +1,42 @@
+"""The layer profiler's arithmetic and timings: the README's "where the time goes" table rests on them."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from alexnet8.model import build_alexnet8
+from conftest import PROJECT_ROOT
+
+
+@pytest.fixture(scope="module")
+def layer_profile():
+    spec = importlib.util.spec_from_file_location("layer_profile", PROJECT_ROOT / "bench" / "layer_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_training_image_costs_0_71_gflop(layer_profile):
+    model = build_alexnet8()
+    per_layer = {layer.name: layer_profile.training_gflop(layer, batch_size=1) for layer in model.layers}
+    # conv1: 30 x 30 outputs x (3 x 3 x 3 inputs) x 96 filters multiply-adds, x2 FLOP, x3 for forward + backward.
+    assert per_layer["conv1"] == pytest.approx(3 * 2 * 30 * 30 * 27 * 96 / 1e9)
+    assert per_layer["dense2"] == pytest.approx(3 * 2 * 2048 * 2048 / 1e9)
+    assert per_layer["conv1_batchnorm"] == per_layer["pool3"] == 0
+    assert sum(per_layer.values()) == pytest.approx(0.7074, abs=1e-4)
+    assert layer_profile.training_gflop(model.get_layer("conv4"), batch_size=32) == pytest.approx(32 * per_layer["conv4"])
+
+
+def test_every_layer_and_the_whole_step_are_timed(layer_profile):
+    model = build_alexnet8(dense_units=16)
+    rows = layer_profile.profile_layers(model, batch_size=4, seconds=0)
+    assert [row.name for row in rows] == [layer.name for layer in model.layers[1:]]
+    assert all(row.milliseconds > 0 for row in rows)
+    step = layer_profile.time_training_step(model, batch_size=4, seconds=0)
+    lines = layer_profile.table(rows, step, batch_size=4).splitlines()
+    assert len(lines) == 2 + len(rows) + 2
+    assert lines[-1].startswith("| whole training step |") and "images/s" in lines[-1]
