@@ -28,6 +28,10 @@ RECIPES = {
     "recipe-nodrop": RECIPE | BFLOAT16 | {"train.dropout": 0.0},
     "recipe-lean": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0, "train.dropout": 0.0},
 }
+RECIPES["recipe-b32"] = RECIPES["recipe-lean"] | {"train.batch_size": 32, "train.learning_rate": 0.0015}
+RECIPES["recipe-sgd"] = RECIPES["recipe-lean"] | {
+    "train.optimizer": "sgd", "train.momentum": 0.9, "train.learning_rate": 0.05, "train.weight_decay": 0.005,
+}
 
 
 @pytest.fixture
