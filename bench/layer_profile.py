@@ -6,7 +6,8 @@ Usage:
 
 Reads and writes nothing. For every layer of the model, times forward + backward (gradients for
 the layer's weights and, except for the first layer, its input) on random inputs of the layer's
-shape, then one whole training step (Adam, the pipeline's loss) on random images, and prints a
+shape, then one whole training step on random images, with the model compiled as the train stage
+compiles it from params.yaml (Adam and its loss at the defaults), and prints a
 markdown table: milliseconds per batch, share of the step, forward+backward GFLOP (3x forward
 multiply-adds x 2, for convolutions and dense layers) and the GFLOP/s reached. The sum of the
 layers against the whole step shows what the rest (loss, optimizer update, framework) costs.
@@ -19,15 +20,20 @@ import logging
 import math
 import os
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from alexnet8.model import build_alexnet8
+from alexnet8.params import TrainParams, load_params
+from alexnet8.train import build_compiled_model, configure_runtime
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("layer_profile")
 
@@ -86,8 +92,8 @@ def profile_layers(model: keras.Model, batch_size: int, seconds: float) -> list[
 
 
 def time_training_step(model: keras.Model, batch_size: int, seconds: float, seed: int = 0) -> float:
-    """Milliseconds per whole training step (forward, loss, backward, Adam update) on random images."""
-    model.compile(optimizer=keras.optimizers.Adam(0.001), loss=keras.losses.SparseCategoricalCrossentropy())
+    """Milliseconds per whole training step (forward, loss, backward, optimizer update) of a
+    compiled model on random images."""
     generator = np.random.default_rng(seed)
     images = generator.random((batch_size, *model.input_shape[1:]), dtype=np.float32)
     labels = generator.integers(0, model.output_shape[-1], batch_size)
@@ -113,13 +119,16 @@ def table(rows: list[LayerTime], step_milliseconds: float, batch_size: int) -> s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
+    precisions = typing.get_args(TrainParams.model_fields["precision"].annotation)  # the values params.yaml accepts
+    parser.add_argument("--precision", default="float32", choices=precisions)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per layer")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    keras.mixed_precision.set_dtype_policy(arguments.precision)
-    keras.utils.set_random_seed(0)
-    model = build_alexnet8()
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    train_params = params.train.model_copy(update={"precision": arguments.precision, "batch_size": arguments.batch_size})
+    configure_runtime(train_params)
+    keras.utils.set_random_seed(params.seed)
+    model = build_compiled_model(train_params, num_classes=10, steps_per_epoch=1)
     rows = profile_layers(model, arguments.batch_size, arguments.seconds)
     step_milliseconds = time_training_step(model, arguments.batch_size, arguments.seconds)
     logger.info("%s, batch %d, %d CPUs:\n%s", arguments.precision, arguments.batch_size, os.cpu_count(), table(rows, step_milliseconds, arguments.batch_size))

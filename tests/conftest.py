@@ -17,6 +17,18 @@ from alexnet8.params import load_params  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def load_script(relative_path: str):
+    """Import one of the project's scripts (bench/, docs/figures/) as a module, for its functions."""
+    import importlib.util
+
+    path = PROJECT_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test logs to its own SQLite store, never to the project's mlflow.db or mlruns/."""

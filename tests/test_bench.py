@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
 
 from alexnet8.model import build_alexnet8
-from conftest import PROJECT_ROOT
+from alexnet8.train import build_compiled_model
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def layer_profile():
-    spec = importlib.util.spec_from_file_location("layer_profile", PROJECT_ROOT / "bench" / "layer_profile.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/layer_profile.py")
 
 
 def test_a_training_image_costs_0_71_gflop(layer_profile):
@@ -31,8 +25,9 @@ def test_a_training_image_costs_0_71_gflop(layer_profile):
     assert layer_profile.training_gflop(model.get_layer("conv4"), batch_size=32) == pytest.approx(32 * per_layer["conv4"])
 
 
-def test_every_layer_and_the_whole_step_are_timed(layer_profile):
-    model = build_alexnet8(dense_units=16)
+def test_every_layer_and_the_whole_step_are_timed(layer_profile, default_params):
+    train_params = default_params.train.model_copy(update={"dense_units": 16, "batch_size": 4})
+    model = build_compiled_model(train_params, num_classes=10, steps_per_epoch=1)
     rows = layer_profile.profile_layers(model, batch_size=4, seconds=0)
     assert [row.name for row in rows] == [layer.name for layer in model.layers[1:]]
     assert all(row.milliseconds > 0 for row in rows)

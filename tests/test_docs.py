@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, load_script
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 
 
 def load_recipes_figure():
-    spec = importlib.util.spec_from_file_location("recipes_figure", PROJECT_ROOT / "docs" / "figures" / "recipes_figure.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/figures/recipes_figure.py")
 
 
 def test_the_figure_is_drawn_from_every_committed_history(tmp_path):

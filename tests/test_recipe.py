@@ -20,17 +20,16 @@ RECIPE = {
     "train.jit_compile": True, "evaluate.flip_tta": True,
 }
 BFLOAT16 = {"train.jit_compile": False, "train.precision": "mixed_bfloat16"}
+LEAN = RECIPE | BFLOAT16 | {"train.random_crop_padding": 0, "train.dropout": 0.0}
 RECIPES = {
     "recipe-fast": RECIPE,
     "recipe-ls": RECIPE | {"train.batch_size": 32, "train.learning_rate": 0.0015, "train.warmup_fraction": 0.15, "train.label_smoothing": 0.1},
     "recipe-bf16": RECIPE | BFLOAT16,
     "recipe-flip": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0},
     "recipe-nodrop": RECIPE | BFLOAT16 | {"train.dropout": 0.0},
-    "recipe-lean": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0, "train.dropout": 0.0},
-}
-RECIPES["recipe-b32"] = RECIPES["recipe-lean"] | {"train.batch_size": 32, "train.learning_rate": 0.0015}
-RECIPES["recipe-sgd"] = RECIPES["recipe-lean"] | {
-    "train.optimizer": "sgd", "train.momentum": 0.9, "train.learning_rate": 0.05, "train.weight_decay": 0.005,
+    "recipe-lean": LEAN,
+    "recipe-b32": LEAN | {"train.batch_size": 32, "train.learning_rate": 0.0015},
+    "recipe-sgd": LEAN | {"train.optimizer": "sgd", "train.momentum": 0.9, "train.learning_rate": 0.05, "train.weight_decay": 0.005},
 }
 
 
