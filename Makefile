@@ -1,39 +1,68 @@
-# Two commands do everything on a fresh machine (Python 3.11-3.13 as python3):
+# Two commands do everything on a fresh machine (Python 3.11-3.13 as python3), from any shell:
 #   make pipeline   create .venv with the locked versions, then run the whole DVC pipeline
 #   make test       create .venv with the locked versions, then run the test suite
 # Offline, or with your own copy of the archive:
 #   make pipeline FETCH_URL=/path/to/cifar-10-binary.tar.gz FETCH_MD5=<its md5>
+# The usual commands afterwards, without activating the environment:
+#   make recipe NAME=recipe-sgd    run a training recipe of recipes/ as a DVC experiment
+#   make ui                        browse the runs in MLflow (http://127.0.0.1:5000)
 
 PYTHON ?= python3
 VENV := .venv
-BIN := $(VENV)/bin
 
-.PHONY: setup pipeline test lock clean-env
+# Every command below runs inside the project's environment, exactly as after
+# `source .venv/bin/activate`: dvc.yaml's stage commands (`python -m alexnet8...`), DVC's queue
+# workers and `mlflow run` then find the project's interpreter whatever the calling shell has on
+# PATH. The interpreter that creates the environment is looked up on the caller's PATH.
+HOST_PATH := $(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
+unexport PYTHONHOME
+
+.PHONY: setup pipeline test recipe ui lint format lock clean-env
 
 setup: $(VENV)/.installed
 
 # Exact versions and hashes from requirements.lock (regenerate with `make lock`); the project
-# itself is installed editable on top, without touching the locked set.
+# itself is installed editable on top, without touching the locked set. The stamp file is
+# written last, so an interrupted install starts again from a clean environment.
 $(VENV)/.installed: requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@PATH='$(HOST_PATH)' $(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "$(PYTHON) is Python %d.%d; this project needs 3.11-3.13 (make PYTHON=python3.12 ...)" % sys.version_info[:2])'
+	PATH='$(HOST_PATH)' $(PYTHON) -m venv --clear $(VENV)
+	python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
+	python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
 pipeline: setup
 ifdef FETCH_URL
-	$(BIN)/dvc exp run -S 'fetch.url=$(FETCH_URL)' -S 'fetch.md5=$(FETCH_MD5)'
+	dvc exp run -S 'fetch.url=$(FETCH_URL)' -S 'fetch.md5=$(FETCH_MD5)'
 else
-	$(BIN)/dvc repro
+	dvc repro
 endif
 
 test: setup
-	$(BIN)/python -m pytest
+	python -m pytest $(PYTEST_ARGS)
+
+# `make recipe NAME=recipe-sgd [EXP=name] [SET="seed=7 train.epochs=1"]`: `dvc exp run -n EXP -S ...`
+# with the params of recipes/NAME.yaml (and SET on top).
+recipe: setup
+	python -m alexnet8.recipe $(NAME) $(if $(EXP),--name $(EXP)) $(foreach item,$(SET),--set $(item))
+
+ui: setup
+	mlflow ui --host 127.0.0.1 --port 5000
+
+lint: setup
+	ruff check .
+	ruff format --check .
+
+format: setup
+	ruff format .
+	ruff check --fix .
 
 # Re-resolve the pinned versions after editing the ranges in pyproject.toml.
 lock: setup
-	$(BIN)/python -m pip install --quiet uv
-	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.11 -o requirements.lock
+	python -m pip install --quiet uv
+	uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.11 -o requirements.lock
 
 clean-env:
 	rm -rf $(VENV)

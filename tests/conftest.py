@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
+from cifar_archive import make_cifar_archive
+from helpers import PROJECT_ROOT
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from cifar_archive import make_cifar_archive  # noqa: E402
-
-from alexnet8.params import load_params  # noqa: E402
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(relative_path: str):
-    """Import one of the project's scripts (bench/, docs/figures/) as a module, for its functions."""
-    import importlib.util
-
-    path = PROJECT_ROOT / relative_path
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from alexnet8.params import load_params
 
 
 @pytest.fixture(autouse=True)
@@ -69,19 +51,3 @@ def prepared_dir(tiny_archive, tmp_path_factory) -> Path:
     return out
 
 
-def write_params(path: Path, base: Path = PROJECT_ROOT / "params.yaml", **overrides: object) -> Path:
-    """Copy params.yaml to `path`, setting dotted keys: write_params(p, **{"train.epochs": 2})."""
-    import yaml
-
-    raw = yaml.safe_load(base.read_text())
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -6,7 +6,7 @@ import pytest
 
 from alexnet8.model import build_alexnet8
 from alexnet8.train import build_compiled_model
-from conftest import load_script
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PROJECT_ROOT, load_script
+from helpers import PROJECT_ROOT, load_script
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "src" / "alexnet8"
 STAGES = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]

@@ -22,7 +22,7 @@ from alexnet8.evaluate import load_trained_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.preprocess import read_archive
 from alexnet8 import train
-from conftest import PROJECT_ROOT, write_params
+from helpers import PROJECT_ROOT, write_params
 
 TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32}
 

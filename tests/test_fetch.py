@@ -11,7 +11,7 @@ from alexnet8.errors import DataError
 from alexnet8.fetch import download
 from alexnet8.fetch import main as fetch_main
 from alexnet8.files import file_md5
-from conftest import write_params
+from helpers import write_params
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

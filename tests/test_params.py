@@ -7,7 +7,7 @@ import yaml
 
 from alexnet8.errors import ParamsError
 from alexnet8.params import load_params, parse_params
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 

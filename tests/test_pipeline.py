@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,42 +12,26 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, write_params
+from helpers import commit_all, fresh_clone, run_command, write_params
 
 pytestmark = pytest.mark.slow
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "pyproject.toml", "MLproject", "python_env.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore"]
-
-
 def _run(command: list[str], cwd: Path) -> str:
-    # The project's default store, as a user has it: no MLFLOW_* variables (MLflow sets some,
-    # like MLFLOW_EXPERIMENT_ID, in this process when other tests use it).
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("MLFLOW_")}
-    # Stages run `python -m alexnet8...`: this interpreter, and the copy's own source.
-    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
-    environment["PYTHONPATH"] = str(cwd / "src")
-    result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result.stdout + result.stderr
+    """A command typed in the project after `source .venv/bin/activate` (the README's way), with
+    the project's default MLflow store: no MLFLOW_* variables."""
+    return run_command(command, cwd)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_archive) -> Path:
     """A git repository holding the project, its params pointed at the tiny archive, after one `dvc repro`."""
-    root = tmp_path_factory.mktemp("project")
-    for name in PROJECT_FILES:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT_ROOT / name, root / name)
-    shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    root = fresh_clone(tmp_path_factory.mktemp("project"))
     archive, md5 = tiny_archive
     write_params(root / "params.yaml", **{
         "fetch.url": archive.as_uri(), "fetch.md5": md5,
         "train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64,
     })
-    for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "commit", "-qm", "project"]):
-        _run(command, root)
+    commit_all(root, "project on the tiny archive")
     _run(["dvc", "repro"], root)
     return root
 

@@ -14,7 +14,7 @@ from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
 from alexnet8.plot import main as plot_main
 from alexnet8.train import main as train_main
-from conftest import write_params
+from helpers import write_params
 
 SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
 

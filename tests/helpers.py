@@ -1,0 +1,100 @@
+"""What the tests share besides fixtures: the project's location, params overrides, and the
+environments in which the tests run the README's commands.
+
+pytest puts this folder on `sys.path` (rootdir-relative imports, no package), so test modules
+import it as `helpers`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# A shell in which nothing of the project is active: the system's folders only.
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def minimal_environment(**extra: str) -> dict[str, str]:
+    """The environment of a person's fresh login shell: the system PATH and their HOME, nothing
+    of this test process (no virtualenv, no MLFLOW_* or DVC variables, no PYTHONPATH)."""
+    return {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
+
+
+def activated_environment(**extra: str) -> dict[str, str]:
+    """`minimal_environment` after `source .venv/bin/activate`, as the README tells users to do
+    before running `dvc` and `mlflow` themselves. The environment is the one running the tests."""
+    environment = sys.prefix
+    return minimal_environment(VIRTUAL_ENV=environment, **extra) | {"PATH": f"{environment}/bin:{SYSTEM_PATH}"}
+
+
+def run_command(command: list[str], cwd: Path, environment: dict[str, str] | None = None, timeout: float = 1800) -> str:
+    """Run a command as a user would type it (default: in the activated environment); its output,
+    or an AssertionError with all of it."""
+    result = subprocess.run(
+        command, cwd=cwd, env=environment or activated_environment(), capture_output=True, text=True, timeout=timeout
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout + result.stderr
+
+
+def set_params(path: Path, overrides: dict[str, object], base: Path | None = None) -> Path:
+    """Write `base` (default: `path` itself) to `path` with dotted keys set, unknown ones included
+    (tests of validation need them): set_params(p, {"train.epochs": 2})."""
+    raw = yaml.safe_load((base or path).read_text())
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target[section]
+        target[key] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def write_params(path: Path, base: Path = PROJECT_ROOT / "params.yaml", **overrides: object) -> Path:
+    """Copy params.yaml to `path`, setting dotted keys: write_params(p, **{"train.epochs": 2})."""
+    return set_params(path, overrides, base=base)
+
+
+def load_script(relative_path: str):
+    """Import one of the project's scripts (bench/, docs/) as a module, for its functions."""
+    path = PROJECT_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def commit_all(folder: Path, message: str) -> None:
+    """`git add -A && git commit` in `folder`, as a person with a configured identity would."""
+    identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run_command(["git", "add", "-A"], folder, minimal_environment())
+    run_command(["git", *identity, "commit", "-qm", message], folder, minimal_environment())
+
+
+def fresh_clone(destination: Path) -> Path:
+    """A new git repository at `destination` holding the project as a clone of it would: the
+    files git tracks or would track (untracked, not ignored), as they are in the working tree,
+    so uncommitted work is tested too; nothing ignored (.venv, mlflow.db, data) comes along."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for relative in filter(None, listed):
+        source = PROJECT_ROOT / relative
+        if source.is_file():  # a tracked file deleted in the working tree is not cloned
+            (destination / relative).parent.mkdir(parents=True, exist_ok=True)
+            destination.joinpath(relative).write_bytes(source.read_bytes())
+            destination.joinpath(relative).chmod(source.stat().st_mode)
+    run_command(["git", "init", "-q"], destination, minimal_environment())
+    commit_all(destination, "clone")
+    return destination
