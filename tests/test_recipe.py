@@ -2,52 +2,67 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from alexnet8.dataset import Split
 from alexnet8.evaluate import evaluate_model
 from alexnet8.model import build_alexnet8
-from alexnet8.params import TrainParams
+from alexnet8.params import TrainParams, load_params
+from alexnet8.recipe import checked_overrides, load_recipe, recipe_names
 from alexnet8.train import learning_rate, make_dataset, make_optimizer
-from conftest import write_params
+from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
-# The recipes of the README's "Accuracy" table, as `dvc exp run -S` overrides.
-RECIPE = {
-    "preprocess.normalization": "standardize", "train.batch_size": 64, "train.optimizer": "adamw",
-    "train.learning_rate": 0.002, "train.lr_schedule": "warmup_cosine", "train.warmup_fraction": 0.2,
-    "train.weight_decay": 0.0005, "train.random_flip": True, "train.random_crop_padding": 2, "train.dropout": 0.25,
-    "train.jit_compile": True, "evaluate.flip_tta": True,
-}
-BFLOAT16 = {"train.jit_compile": False, "train.precision": "mixed_bfloat16"}
-LEAN = RECIPE | BFLOAT16 | {"train.random_crop_padding": 0, "train.dropout": 0.0}
-RECIPES = {
-    "recipe-fast": RECIPE,
-    "recipe-ls": RECIPE | {"train.batch_size": 32, "train.learning_rate": 0.0015, "train.warmup_fraction": 0.15, "train.label_smoothing": 0.1},
-    "recipe-bf16": RECIPE | BFLOAT16,
-    "recipe-flip": RECIPE | BFLOAT16 | {"train.random_crop_padding": 0},
-    "recipe-nodrop": RECIPE | BFLOAT16 | {"train.dropout": 0.0},
-    "recipe-lean": LEAN,
-    "recipe-b32": LEAN | {"train.batch_size": 32, "train.learning_rate": 0.0015},
-    "recipe-sgd": LEAN | {"train.optimizer": "sgd", "train.momentum": 0.9, "train.learning_rate": 0.05, "train.weight_decay": 0.005},
-}
+RECIPES = PROJECT_ROOT / "recipes"
 
 
 @pytest.fixture
 def recipe(tmp_path):
-    from alexnet8.params import load_params
+    """recipe-fast's params: AdamW 0.002, one-cycle with 20% warmup, weight decay 0.0005."""
+    return load_params(write_params(tmp_path / "params.yaml", **load_recipe("recipe-fast", RECIPES)))
 
-    return load_params(write_params(tmp_path / "params.yaml", **RECIPE))
+
+@pytest.mark.parametrize("name", recipe_names(RECIPES))
+def test_every_recipe_trains_the_same_network_for_5_epochs_on_the_same_data(name, default_params):
+    """Recipes compete on one footing: AlexNet8 unchanged, 5 epochs, the data params.yaml names."""
+    overrides = load_recipe(name, RECIPES)
+    checked_overrides(overrides, PROJECT_ROOT / "params.yaml", source=name)
+    assert not {key for key in overrides if key.startswith("fetch.")}
+    assert overrides.get("train.epochs", 5) == 5 and "train.dense_units" not in overrides
+    defaults = default_params.flat()
+    assert not [key for key, value in overrides.items() if defaults[key] == value], "a key set to its default"
 
 
-@pytest.mark.parametrize("name", RECIPES)
-def test_each_recipe_is_accepted(tmp_path, name):
-    from alexnet8.params import load_params
+def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
+    make = ["make", "-n", "--no-print-directory", "recipe", "NAME=recipe-sgd", "EXP=sgd-seed7", "SET=seed=7 train.precision=float32"]
+    recipe_command = shlex.split(run_command(make, PROJECT_ROOT, minimal_environment()).strip().splitlines()[-1])
+    assert recipe_command[:3] == ["python", "-m", "alexnet8.recipe"]
+    output = run_command([*recipe_command, "--dry-run"], PROJECT_ROOT)
+    command = shlex.split(output.strip().splitlines()[-1])
+    assert command[:5] == ["dvc", "exp", "run", "-n", "sgd-seed7"]
+    settings = dict(item.split("=", 1) for item in command[6::2])
+    assert command[5::2] == ["-S"] * len(settings)
+    expected = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in load_recipe("recipe-sgd", RECIPES).items()}
+    assert settings == expected | {"seed": "7", "train.precision": "float32"}
 
-    params = load_params(write_params(tmp_path / "params.yaml", **RECIPES[name]))
-    for dotted, value in RECIPES[name].items():
-        section, key = dotted.split(".")
-        assert getattr(getattr(params, section), key) == value, dotted
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["recipe-sgdd"], "recipes/recipe-sgdd.yaml: no such recipe (available in recipes/: original,"),
+        (["recipe-sgd", "--set", "train.optimiser=sgd"], "train.optimiser: unknown key"),
+        (["recipe-sgd", "--set", "train.epochs=0"], "train.epochs: Input should be greater than 0"),
+    ],
+)
+def test_a_bad_recipe_or_setting_is_named_and_nothing_runs(arguments, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "alexnet8.recipe", *arguments], cwd=PROJECT_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 1 and message in result.stderr and "dvc exp run" not in result.stdout + result.stderr
 
 
 def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
@@ -174,6 +189,7 @@ def test_flip_tta_averages_an_image_and_its_mirror():
 def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, precision, compute_dtype):
     """Mixed precision and XLA are mostly for accelerators, but the same code path must run anywhere."""
     import keras
+    import tensorflow as tf
 
     from alexnet8.dataset import load_split
     from alexnet8.train import configure_runtime, distribution_strategy, train_model
@@ -186,7 +202,8 @@ def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, pre
         model, history = train_model(params, 1, load_split(prepared_dir, "train"), load_split(prepared_dir, "validation"), 10, tmp_path / "b")
         assert model.get_layer("conv1").compute_dtype == compute_dtype and model.output.dtype == "float32"
         assert np.isfinite(history["loss"]).all()
-        assert distribution_strategy().num_replicas_in_sync == 1  # no GPU here: TensorFlow's default strategy
+        gpus = len(tf.config.list_logical_devices("GPU"))
+        assert distribution_strategy().num_replicas_in_sync == (gpus if gpus > 1 else 1)
     finally:
         keras.mixed_precision.set_global_policy("float32")
 

@@ -136,15 +136,34 @@ def parse_params(raw: object, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid params:\n{problems}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file. Raises ParamsError naming the file and the bad keys."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key that appears twice in one mapping (as DVC does)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> object:
+    """A YAML file's content. Raises ParamsError naming the file: unreadable, not YAML, a duplicate key."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ParamsError(f"{path}: cannot read params file: {error.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    return parse_params(raw, source=str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file. Raises ParamsError naming the file and the bad keys."""
+    return parse_params(read_yaml(path), source=str(path))
