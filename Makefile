@@ -21,14 +21,17 @@ unexport PYTHONHOME
 
 .PHONY: setup pipeline test recipe ui lint format lock clean-env
 
+# The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
+	@python -m alexnet8.offline_plots
 
 # Exact versions and hashes from requirements.lock (regenerate with `make lock`); the project
 # itself is installed editable on top, without touching the locked set. The stamp file is
-# written last, so an interrupted install starts again from a clean environment.
+# written last, so an interrupted install is completed by the next make.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@PATH='$(HOST_PATH)' $(PYTHON) -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] <= (3, 13) else "$(PYTHON) is Python %d.%d; this project needs 3.11-3.13 (make PYTHON=python3.12 ...)" % sys.version_info[:2])'
-	PATH='$(HOST_PATH)' $(PYTHON) -m venv --clear $(VENV)
+	@echo "creating $(VENV) with $$(PATH='$(HOST_PATH)' command -v $(PYTHON))"
+	@PATH='$(HOST_PATH)' $(PYTHON) -m venv $(VENV)
 	python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements.lock
 	python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
