@@ -45,7 +45,9 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
 
     from alexnet8.dataset import load_split
     from alexnet8.params import load_params
-    from alexnet8.train import build_compiled_model, configure_runtime, training_dataset
+    from alexnet8.input_pipeline import training_dataset
+    from alexnet8.optimization import build_compiled_model
+    from alexnet8.runtime import configure_runtime
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     train_params = params.train.model_copy(update=overrides)

@@ -31,7 +31,8 @@ import tensorflow as tf
 from keras import layers
 
 from alexnet8.params import TrainParams, load_params
-from alexnet8.train import build_compiled_model, configure_runtime
+from alexnet8.optimization import build_compiled_model
+from alexnet8.runtime import configure_runtime
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

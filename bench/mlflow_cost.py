@@ -34,8 +34,8 @@ def main() -> None:
 
     from alexnet8.model import build_alexnet8
     from alexnet8.params import load_params
-    from alexnet8.tracking import start_pipeline_run
-    from alexnet8.train import EpochMetricsToMlflow, log_model, log_run_inputs
+    from alexnet8.mlflow_keras import EpochMetricsToMlflow, log_model
+    from alexnet8.tracking import log_run_inputs, start_pipeline_run
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     model = build_alexnet8(dense_units=params.train.dense_units, dropout=params.train.dropout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alexnet8.model import build_alexnet8
-from alexnet8.train import build_compiled_model
+from alexnet8.optimization import build_compiled_model
 from helpers import load_script
 
 

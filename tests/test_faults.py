@@ -16,6 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from alexnet8.checkpoints import completed_epochs
 from alexnet8.dataset import load_split
 from alexnet8.errors import DataError, PipelineError
 from alexnet8.evaluate import load_trained_model
@@ -54,7 +55,7 @@ def test_interrupted_training_resumes_to_bit_identical_weights(prepared_dir, tmp
     uninterrupted, full_history = train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "a")
     with pytest.raises(KeyboardInterrupt):
         train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "b", callbacks=[_InterruptAfter(1)])
-    assert train.completed_epochs(tmp_path / "b") == 2
+    assert completed_epochs(tmp_path / "b") == 2
     resumed, resumed_history = train.train_model(params, 7, train_split, validation_split, 10, tmp_path / "b")
     assert _same_weights(uninterrupted, resumed)
     assert resumed_history == full_history  # all three epochs, the first two from the interrupted run

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from alexnet8.files import atomic_directory, atomic_path, write_text
+from alexnet8.files import atomic_directory, atomic_path, write_json
 
 
 @pytest.fixture
@@ -17,10 +17,10 @@ def umask_022():
 
 
 def test_written_files_and_folders_get_the_umask_mode_not_the_private_temporary_one(tmp_path, umask_022):
-    write_text(tmp_path / "metrics.txt", "1\n")
+    write_json(tmp_path / "metrics.json", {"accuracy": 1})
     with atomic_directory(tmp_path / "prepared") as folder:
         (folder / "a.npy").write_bytes(b"x")
-    assert (tmp_path / "metrics.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "prepared").stat().st_mode & 0o777 == 0o755
 
 

@@ -14,7 +14,8 @@ from alexnet8.evaluate import evaluate_model
 from alexnet8.model import build_alexnet8
 from alexnet8.params import TrainParams, load_params
 from alexnet8.recipe import checked_overrides, load_recipe, recipe_names
-from alexnet8.train import learning_rate, make_dataset, make_optimizer
+from alexnet8.input_pipeline import make_dataset
+from alexnet8.optimization import build_optimizer, learning_rate_or_schedule
 from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
 RECIPES = PROJECT_ROOT / "recipes"
@@ -66,7 +67,7 @@ def test_a_bad_recipe_or_setting_is_named_and_nothing_runs(arguments, message):
 
 
 def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
-    schedule = learning_rate(recipe.train, steps_per_epoch=100)
+    schedule = learning_rate_or_schedule(recipe.train, steps_per_epoch=100)
     total, warmup = 5 * 100, int(0.2 * 500)
     rates = np.array([float(schedule(step)) for step in range(total + 1)])
     assert rates[0] == pytest.approx(0.002 / 25)
@@ -76,10 +77,10 @@ def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
 
 
 def test_constant_schedule_and_optimizers(recipe, default_params):
-    assert learning_rate(default_params.train, 100) == 0.001
-    adamw = make_optimizer(recipe.train, 100)
+    assert learning_rate_or_schedule(default_params.train, 100) == 0.001
+    adamw = build_optimizer(recipe.train, 100)
     assert type(adamw).__name__ == "AdamW" and adamw.weight_decay == pytest.approx(0.0005)
-    sgd = make_optimizer(TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100)
+    sgd = build_optimizer(TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100)
     assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.momentum == 0.9
 
 
@@ -142,7 +143,8 @@ def test_cutout_zeroes_one_square_per_image_and_keeps_labels():
 
 def test_label_smoothing_trains_on_smoothed_one_hot_targets(prepared_dir, tmp_path, default_params):
     from alexnet8.dataset import load_split
-    from alexnet8.train import build_compiled_model, training_dataset
+    from alexnet8.input_pipeline import training_dataset
+    from alexnet8.optimization import build_compiled_model
 
     params = TrainParams(**(default_params.train.model_dump() | {"label_smoothing": 0.1, "dense_units": 16}))
     split = load_split(prepared_dir, "train")
@@ -158,12 +160,10 @@ def test_label_smoothing_trains_on_smoothed_one_hot_targets(prepared_dir, tmp_pa
 
 @pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_learning_rate_scales_with_the_batch_size(default_params, scaling, factor):
-    from alexnet8.train import peak_learning_rate
-
     params = TrainParams(**(default_params.train.model_dump() | {
         "batch_size": 128, "lr_batch_scaling": scaling, "lr_reference_batch_size": 32, "lr_schedule": "warmup_cosine", "warmup_fraction": 0.1}))
-    assert peak_learning_rate(params) == pytest.approx(0.001 * factor)
-    schedule = learning_rate(params, steps_per_epoch=10)
+    assert params.peak_learning_rate == pytest.approx(0.001 * factor)
+    schedule = learning_rate_or_schedule(params, steps_per_epoch=10)
     assert max(float(schedule(step)) for step in range(51)) == pytest.approx(0.001 * factor)
 
 
@@ -192,7 +192,8 @@ def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, pre
     import tensorflow as tf
 
     from alexnet8.dataset import load_split
-    from alexnet8.train import configure_runtime, distribution_strategy, train_model
+    from alexnet8.runtime import configure_runtime, distribution_strategy
+    from alexnet8.train import train_model
 
     params = TrainParams(**(default_params.train.model_dump() | {
         "epochs": 1, "batch_size": 16, "dense_units": 16, "precision": precision, "jit_compile": True}))

@@ -94,7 +94,7 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
 
 def test_a_registered_model_name_registers_a_new_version_per_run():
     from alexnet8.model import build_alexnet8
-    from alexnet8.train import log_model
+    from alexnet8.mlflow_keras import log_model
 
     model = build_alexnet8(dense_units=8)
     images = np.zeros((2, 32, 32, 3), dtype=np.float32)

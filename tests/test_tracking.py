@@ -18,5 +18,13 @@ def test_runs_from_a_dvc_temporary_workspace_land_in_the_projects_store(tmp_path
     assert list((tmp_path / "mlruns").rglob("note.txt")) and not (workspace / "mlruns").exists()
 
 
-def test_project_root_is_the_working_folder_elsewhere(tmp_path):
-    assert tracking.project_root(tmp_path / "project") == (tmp_path / "project").resolve()
+def test_runs_started_in_a_project_land_in_its_own_store(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with tracking.start_pipeline_run("local", "run-1", project / "run.json") as run:
+        mlflow.log_text("hello", "note.txt")
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_experiment_by_name("local").artifact_location == (project / "mlruns").as_uri()

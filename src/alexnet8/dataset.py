@@ -1,12 +1,11 @@
 """The prepared dataset's file layout, and loading it for training and evaluation.
 
 Reads: the folder written by the preprocess stage (`<split>_images.npy`, `<split>_labels.npy`,
-dataset.json), and the per-epoch training history CSV. Writes: nothing.
+dataset.json). Writes: nothing.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -18,6 +17,7 @@ import numpy as np
 from alexnet8.errors import DataError
 
 SPLITS = ("train", "validation", "test")
+IMAGE_SHAPE = (32, 32, 3)  # CIFAR-10: height, width, RGB
 DATASET_FILE = "dataset.json"
 
 
@@ -91,14 +91,9 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
         labels = np.load(prepared_dir / label_file(split), mmap_mode="r")
     except FileNotFoundError as error:
         raise DataError(f"{error.filename} not found: run the preprocess stage first") from None
-    if images.dtype != np.float32 or images.ndim != 4 or images.shape[1:] != (32, 32, 3):
+    if images.dtype != np.float32 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}")
     if len(labels) != len(images):
         raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")
     return Split(images=images, labels=labels, images_path=prepared_dir / image_file(split))
 
-
-def read_history_rows(path: str | Path) -> list[dict[str, float]]:
-    """Keras CSVLogger's file (the train stage's history) as one {metric: value} per epoch, in order."""
-    with open(path, newline="", encoding="utf-8") as stream:
-        return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in csv.DictReader(stream)]

@@ -9,7 +9,6 @@ source for `dvc plots` and the plot stage). Logs the test metrics into the train
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,9 +20,10 @@ import numpy as np
 from alexnet8 import cli
 from alexnet8.dataset import ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
-from alexnet8.files import atomic_path, write_json
+from alexnet8.files import write_json
 from alexnet8.params import load_params
-from alexnet8.tracking import resume_pipeline_run
+from alexnet8.reports import write_predictions
+from alexnet8.tracking import reopen_pipeline_run
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +67,6 @@ def evaluate_model(
     return metrics, predicted
 
 
-def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> None:
-    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((class_names[actual], class_names[guess]) for actual, guess in zip(labels, predicted))
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argument_parser = cli.parser(__doc__.splitlines()[0])
     argument_parser.add_argument("--model", required=True, help="trained model (.keras)")
@@ -87,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     class_names = load_description(arguments.data)["class_names"]
     test_split = load_split(arguments.data, "test")
     model = load_trained_model(arguments.model)
-    with resume_pipeline_run(arguments.run_file):
+    with reopen_pipeline_run(arguments.run_file):
         metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size, params.evaluate.flip_tta)
         write_json(arguments.metrics, metrics)
         write_predictions(arguments.predictions, np.asarray(test_split.labels), predicted, class_names)

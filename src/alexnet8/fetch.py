@@ -24,7 +24,7 @@ from tqdm import tqdm
 from alexnet8 import cli
 from alexnet8.errors import DataError
 from alexnet8.files import CHUNK_BYTES, atomic_path, file_md5
-from alexnet8.params import FetchParams, load_params
+from alexnet8.params import load_params
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +82,12 @@ def download(url: str, expected_md5: str, destination: str | Path) -> Path:
     return destination
 
 
-def fetch(params: FetchParams, destination: str | Path) -> Path:
-    """The stage: the archive named by `params`, verified, at `destination`."""
-    return download(params.url, params.md5, destination)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argument_parser = cli.parser(__doc__.splitlines()[0])
     argument_parser.add_argument("--out", required=True, help="where to write the archive")
     arguments = argument_parser.parse_args(argv)
     params = load_params(arguments.params)
-    fetch(params.fetch, arguments.out)
+    download(params.fetch.url, params.fetch.md5, arguments.out)
 
 
 if __name__ == "__main__":

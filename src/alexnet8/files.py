@@ -79,6 +79,7 @@ def write_json(path: str | Path, data: object) -> None:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+
 def write_text(path: str | Path, text: str) -> None:
     """Write text, atomically."""
     with atomic_path(path) as temporary:

@@ -2,7 +2,7 @@
 
 Reads and writes nothing.
 
-The original (shared/reference/seed-alexnet8.txt) subclasses keras.Model; this is the same
+The original script subclasses keras.Model; this is the same
 network as a functional model, so it has a summary before training, a fixed input signature for
 MLflow, and saves to a `.keras` file without custom objects. With 10 classes and 2048 dense
 units it has 9,639,178 parameters, as the original.
@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-IMAGE_SHAPE = (32, 32, 3)
+from alexnet8.dataset import IMAGE_SHAPE
 
 
 def build_alexnet8(num_classes: int = 10, dense_units: int = 2048, dropout: float = 0.5) -> keras.Model:

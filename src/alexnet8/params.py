@@ -85,6 +85,12 @@ class TrainParams(_Section):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"]
     deterministic: bool
 
+    @property
+    def peak_learning_rate(self) -> float:
+        """`learning_rate` scaled to the batch size as `lr_batch_scaling` asks (linear: Goyal et al., 2017)."""
+        ratio = self.batch_size / self.lr_reference_batch_size
+        return self.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_batch_scaling]
+
 
 class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(gt=0)]

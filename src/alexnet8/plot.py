@@ -9,60 +9,47 @@ logs both into the training's MLflow run under `figures/`.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alexnet8 import cli  # noqa: E402
-from alexnet8.dataset import load_description, read_history_rows  # noqa: E402
-from alexnet8.errors import DataError  # noqa: E402
-from alexnet8.files import atomic_path  # noqa: E402
-from alexnet8.tracking import resume_pipeline_run  # noqa: E402
+from alexnet8 import cli
+from alexnet8.dataset import load_description
+from alexnet8.errors import DataError
+from alexnet8.files import atomic_path
+from alexnet8.reports import history_columns, predictions
+from alexnet8.tracking import reopen_pipeline_run
 
 logger = logging.getLogger(__name__)
 
 
-def _read_csv(path: str | Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as stream:
-            return list(csv.DictReader(stream))
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: run the train and evaluate stages first") from None
-
-
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
-    """The train stage's history CSV as metric -> values, ordered by epoch."""
-    try:
-        rows = read_history_rows(path)
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: run the train stage first") from None
-    if not rows:
+    """The train stage's history CSV as metric -> values, ordered by epoch; DataError if it has no epochs."""
+    history = history_columns(path)
+    if not history:
         raise DataError(f"{path}: no epochs recorded")
-    return {metric: np.array([row[metric] for row in rows]) for metric in rows[0]}
+    return {metric: np.array(values) for metric, values in history.items()}
 
 
-def confusion_matrix(predictions: list[dict[str, str]], class_names: Sequence[str]) -> np.ndarray:
-    """Counts with rows = actual class, columns = predicted class."""
+def confusion_matrix(pairs: Sequence[tuple[str, str]], class_names: Sequence[str]) -> np.ndarray:
+    """Counts of (actual, predicted) class names, with rows = actual class, columns = predicted class."""
     index = {name: position for position, name in enumerate(class_names)}
     matrix = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
-    for row in predictions:
-        matrix[index[row["actual"]], index[row["predicted"]]] += 1
+    for actual, predicted in pairs:
+        matrix[index[actual], index[predicted]] += 1
     return matrix
 
 
-def curves_figure(history: dict[str, np.ndarray]) -> plt.Figure:
+def curves_figure(history: dict[str, np.ndarray]) -> Figure:
     """Accuracy (left) and loss (right), training and validation, per epoch: the original's figure."""
     epochs = np.arange(1, len(history["loss"]) + 1)
-    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    # A Figure of its own, not pyplot's: no global state, no display backend (servers, CI).
+    figure = Figure(figsize=(11, 4.2))
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
     for axes, metric, title in ((accuracy_axes, "accuracy", "Accuracy"), (loss_axes, "loss", "Loss")):
         axes.plot(epochs, history[metric], marker="o", label=f"Training {title}")
         axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"Validation {title}")
@@ -75,8 +62,9 @@ def curves_figure(history: dict[str, np.ndarray]) -> plt.Figure:
     return figure
 
 
-def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> plt.Figure:
-    figure, axes = plt.subplots(figsize=(7.5, 6.5))
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
+    figure = Figure(figsize=(7.5, 6.5))
+    axes = figure.subplots()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes)
     axes.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
@@ -92,10 +80,9 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> plt.Figu
     return figure
 
 
-def save_figure(figure: plt.Figure, path: str | Path) -> None:
+def save_figure(figure: Figure, path: str | Path) -> None:
     with atomic_path(path, suffix=".png") as temporary:
         figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
     logger.info("wrote %s", path)
 
 
@@ -111,8 +98,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     class_names = load_description(arguments.data)["class_names"]
     save_figure(curves_figure(read_history(arguments.history)), arguments.curves)
-    save_figure(confusion_figure(confusion_matrix(_read_csv(arguments.predictions), class_names), class_names), arguments.confusion)
-    with resume_pipeline_run(arguments.run_file):
+    save_figure(confusion_figure(confusion_matrix(predictions(arguments.predictions), class_names), class_names), arguments.confusion)
+    with reopen_pipeline_run(arguments.run_file):
         mlflow.log_artifact(arguments.curves, artifact_path="figures")
         mlflow.log_artifact(arguments.confusion, artifact_path="figures")
 

@@ -35,7 +35,6 @@ TRAIN_MEMBERS = tuple(f"{MEMBER_FOLDER}/data_batch_{index}.bin" for index in ran
 TEST_MEMBER = f"{MEMBER_FOLDER}/test_batch.bin"
 META_MEMBER = f"{MEMBER_FOLDER}/batches.meta.txt"
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SHAPE = (32, 32, 3)
 RECORD_BYTES = 1 + 32 * 32 * 3
 
 

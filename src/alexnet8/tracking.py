@@ -1,4 +1,4 @@
-"""MLflow plumbing shared by the train, evaluate and plot stages: one pipeline run is one MLflow run.
+"""MLflow runs for the train, evaluate and plot stages: one pipeline run is one MLflow run.
 
 Reads and writes the run file (`--run-file` in dvc.yaml, JSON: run id, experiment id, tracking
 URI): train starts the run and writes it; evaluate and plot read it to log into the same run.
@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 
 from alexnet8.errors import PipelineError
 from alexnet8.files import write_json
+from alexnet8.params import Params
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +120,11 @@ def _recorded_run_id(path: Path) -> str | None:
         return None
 
 
-def _start_or_resume(experiment_name: str, run_name: str, resume_from: Path | None) -> mlflow.ActiveRun:
+def _start_or_continue(experiment_name: str, run_name: str, interrupted_run_file: Path | None) -> mlflow.ActiveRun:
     if os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run` made the run in its own experiment; setting ours would conflict with it.
         return mlflow.start_run()
-    interrupted = _recorded_run_id(resume_from) if resume_from else None
+    interrupted = _recorded_run_id(interrupted_run_file) if interrupted_run_file else None
     if interrupted:
         try:
             run = mlflow.start_run(run_id=interrupted)
@@ -137,27 +138,27 @@ def _start_or_resume(experiment_name: str, run_name: str, resume_from: Path | No
 
 @contextlib.contextmanager
 def start_pipeline_run(
-    experiment_name: str, run_name: str, run_file: str | Path, resume_from: str | Path | None = None
+    experiment_name: str, run_name: str, run_file: str | Path, interrupted_run_file: str | Path | None = None
 ) -> Iterator[mlflow.ActiveRun]:
     """Start the pipeline's run (or continue an interrupted one) and record it in `run_file`.
 
-    `resume_from` names a file in the training's backup folder: if it names a run, that run is
-    continued, so an interrupted and resumed training is one MLflow run; the new run's id is
-    written there at once. An exception inside the block ends the run as FAILED, an interrupt
+    `interrupted_run_file` is a file in the training's checkpoint folder: if it names a run, that
+    run is continued, so an interrupted and resumed training is one MLflow run; the new run's id
+    is written there at once. An exception inside the block ends the run as FAILED, an interrupt
     (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so later stages never log
     into a failed run.
     """
     use_project_store()
-    resume_from = Path(resume_from) if resume_from else None
-    run = _start_or_resume(experiment_name, run_name, resume_from)
+    interrupted_run_file = Path(interrupted_run_file) if interrupted_run_file else None
+    run = _start_or_continue(experiment_name, run_name, interrupted_run_file)
     try:
         with run:
             logger.info(
                 "MLflow run %s in experiment %s at %s", run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri()
             )
             record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
-            if resume_from:
-                write_json(resume_from, record)
+            if interrupted_run_file:
+                write_json(interrupted_run_file, record)
             yield run
             write_json(run_file, record)
     except KeyboardInterrupt:
@@ -166,8 +167,9 @@ def start_pipeline_run(
 
 
 @contextlib.contextmanager
-def resume_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that the train stage recorded in `run_file`; it ends FINISHED, or FAILED on error."""
+def reopen_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the finished run that the train stage recorded in `run_file`, for a later stage to
+    log into; it ends FINISHED again, or FAILED on error."""
     use_project_store()
     run_file = Path(run_file)
     try:
@@ -186,3 +188,27 @@ def resume_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
         ) from None
     with run:
         yield run
+
+
+def default_run_name(params: Params) -> str:
+    """A run name that says what differs between runs; under `dvc exp run`, the experiment's name."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        return experiment
+    train = params.train
+    return (
+        f"{train.optimizer}-lr{train.peak_learning_rate:g}-b{train.batch_size}-e{train.epochs}"
+        f"-{params.preprocess.normalization}"
+    )
+
+
+def log_run_inputs(params: Params, params_file: str | Path, data_tags: dict[str, str]) -> None:
+    """Into the active run: every param, the provenance tags (with `data_tags`), and as artifacts
+    the params file, dvc.lock (if any) and the installed packages."""
+    # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
+    mlflow.log_params(params.flat() | {"derived.peak_learning_rate": params.train.peak_learning_rate})
+    mlflow.set_tags(provenance_tags() | data_tags)
+    mlflow.log_artifact(str(params_file), artifact_path="provenance")
+    if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
+        mlflow.log_artifact("dvc.lock", artifact_path="provenance")
+    mlflow.log_text(installed_packages(), "provenance/packages.txt")

@@ -1,0 +1,112 @@
+"""The input pipeline: batches of a prepared split for Keras, read from its file batch by batch,
+shuffled and augmented for training.
+
+Reads: the split's `.npy` file (through dataset.ImageReader). Writes: nothing.
+
+Everything random here is stateless, a function of (seed, epoch, batch), so a training resumed
+at epoch k sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from alexnet8.dataset import ImageReader, Split
+from alexnet8.params import TrainParams
+
+
+def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int, cutout_size: int = 0) -> tf.Tensor:
+    """Random horizontal flip, random crop of the reflect-padded image and cutout, per image, stateless in `seed`."""
+    size = images.shape[1]
+    if flip:
+        images = tf.image.stateless_random_flip_left_right(images, seed=seed)
+    if crop_padding:
+        padded = tf.pad(images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT")
+        offsets = tf.random.stateless_uniform(
+            [tf.shape(images)[0], 2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32
+        )
+        rows = offsets[:, :1] + tf.range(size)[None, :]
+        columns = offsets[:, 1:] + tf.range(size)[None, :]
+        images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
+    if cutout_size:
+        # The square's centre is anywhere in the image, so it may hang over an edge (DeVries & Taylor, 2017).
+        corners = tf.random.stateless_uniform(
+            [tf.shape(images)[0], 2], seed=tf.random.experimental.stateless_fold_in(seed, 1), minval=0, maxval=size, dtype=tf.int32
+        ) - cutout_size // 2
+        pixels = tf.range(size)[None, :]
+        inside_rows = (pixels >= corners[:, :1]) & (pixels < corners[:, :1] + cutout_size)
+        inside_columns = (pixels >= corners[:, 1:]) & (pixels < corners[:, 1:] + cutout_size)
+        inside = inside_rows[:, :, None, None] & inside_columns[:, None, :, None]
+        images = tf.where(inside, tf.zeros_like(images), images)
+    return images
+
+
+def make_dataset(
+    split: Split,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    first_epoch: int = 0,
+    random_flip: bool = False,
+    random_crop_padding: int = 0,
+    cutout_size: int = 0,
+    one_hot_classes: int = 0,
+) -> tf.data.Dataset:
+    """Batches of (images, labels) of the split, read from its file batch by batch (ImageReader).
+
+    With `shuffle_seed`, the stream never ends and epoch e is a fresh permutation that depends
+    only on (seed, e), as `model.fit(shuffle=True)` but stateless; augmentation draws from
+    (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
+    would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
+    With `one_hot_classes`, labels are one-hot vectors of that length (for label smoothing).
+    """
+    reader = ImageReader(split)
+    labels = tf.constant(np.asarray(split.labels))
+    count = len(split.labels)
+    image_shape = split.images.shape[1:]
+
+    def read(index):
+        # Reading is deterministic, so tf.data may run it in parallel and ahead of the model.
+        images = tf.numpy_function(reader, [index], tf.float32, stateful=False)
+        batch_labels = tf.gather(labels, index)
+        if one_hot_classes:
+            batch_labels = tf.one_hot(batch_labels, one_hot_classes)
+        return tf.ensure_shape(images, [None, *image_shape]), batch_labels
+
+    if shuffle_seed is None:
+        return tf.data.Dataset.range(count).batch(batch_size).map(read).prefetch(tf.data.AUTOTUNE)
+
+    seed = tf.constant(shuffle_seed, tf.int64)
+
+    def epoch_batches(epoch):
+        order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+        numbered = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
+        return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
+
+    def read_and_augment(batch_seed, index):
+        images, batch_labels = read(index)
+        if random_flip or random_crop_padding or cutout_size:
+            images = augment(images, batch_seed, random_flip, random_crop_padding, cutout_size)
+        return images, batch_labels
+
+    batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
+    return batches.map(read_and_augment, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def one_hot_length(params: TrainParams, num_classes: int) -> int:
+    """The length of one-hot targets, which label smoothing needs; 0 for class indices."""
+    return num_classes if params.label_smoothing else 0
+
+
+def training_dataset(params: TrainParams, split: Split, seed: int, num_classes: int, first_epoch: int = 0) -> tf.data.Dataset:
+    """The endless, shuffled and augmented training stream that `params` describe (see make_dataset)."""
+    return make_dataset(
+        split,
+        params.batch_size,
+        shuffle_seed=seed,
+        first_epoch=first_epoch,
+        random_flip=params.random_flip,
+        random_crop_padding=params.random_crop_padding,
+        cutout_size=params.cutout_size,
+        one_hot_classes=one_hot_length(params, num_classes),
+    )

@@ -1,0 +1,59 @@
+"""The report files the stages hand to each other and to DVC: the training history (CSV, one row
+per epoch, as Keras' CSVLogger writes it) and the test predictions (CSV, actual and predicted
+class of every test image).
+
+Reads and writes only the paths its callers give.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from alexnet8.errors import DataError
+from alexnet8.files import atomic_path
+
+
+def _csv_rows(path: str | Path, written_by: str) -> list[dict[str, str]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            return list(csv.DictReader(stream))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: run the {written_by} stage first") from None
+
+
+def history_rows(path: str | Path) -> list[dict[str, float]]:
+    """The training history as one {metric: value} per epoch, in order (no `epoch` column)."""
+    return [
+        {name: float(value) for name, value in row.items() if name != "epoch"} for row in _csv_rows(path, "train")
+    ]
+
+
+def history_columns(path: str | Path) -> dict[str, list[float]]:
+    """The training history as metric -> its value after each epoch ({} for a history without epochs)."""
+    rows = history_rows(path)
+    return {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}
+
+
+def truncate_history(path: Path, epochs: int) -> None:
+    """Keep the header and the first `epochs` rows: an epoch redone after a crash is not listed twice."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        with atomic_path(path) as temporary:
+            temporary.write_text("".join(lines[: 1 + epochs]), encoding="utf-8")
+
+
+def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> None:
+    """Actual and predicted class name of every image, in order."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((class_names[actual], class_names[guess]) for actual, guess in zip(labels, predicted, strict=True))
+
+
+def predictions(path: str | Path) -> list[tuple[str, str]]:
+    """(actual, predicted) class names of every test image, as write_predictions wrote them."""
+    return [(row["actual"], row["predicted"]) for row in _csv_rows(path, "evaluate")]
