@@ -1,16 +1,30 @@
-"""The README's recipes figure can be redrawn from the committed histories, and bad arguments stop it cleanly."""
+"""The docs' figures and tables are redrawn from the committed results; bad files stop the scripts cleanly."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
-from conftest import PROJECT_ROOT, load_script
+from conftest import PROJECT_ROOT, load_script, write_params
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 
 
 def load_recipes_figure():
     return load_script("docs/figures/recipes_figure.py")
+
+
+def load_tables():
+    return load_script("docs/tables.py")
+
+
+def history(name: str) -> str:
+    return str(RESULTS / f"{name}_history.csv")
+
+
+# Figures ------------------------------------------------------------------------------------------
 
 
 def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
@@ -39,3 +53,91 @@ def test_a_bad_argument_names_the_problem_and_writes_nothing(tmp_path, capsys, a
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+# Tables -------------------------------------------------------------------------------------------
+
+
+def test_the_tables_in_the_docs_are_those_the_result_files_give():
+    assert load_tables().main(["--check"]) == 0, "run: python docs/tables.py"
+
+
+@pytest.fixture
+def docs_copy(tmp_path):
+    """A copy of what docs/tables.py reads, with one page holding every table."""
+    shutil.copytree(RESULTS, tmp_path / "docs" / "results")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    tables = load_tables().TABLES
+    (tmp_path / "README.md").write_text("".join(f"<!-- table:{name} -->\n<!-- /table -->\n\n" for name in tables))
+    return tmp_path
+
+
+def test_check_reports_a_stale_page_and_the_script_rewrites_it(docs_copy, caplog):
+    tables = load_tables()
+    readme = docs_copy / "README.md"
+    assert tables.main(["--check"], root=docs_copy) == 1
+    assert "README.md: tables out of date" in caplog.text
+    assert "| recipe |" not in readme.read_text()  # --check changes nothing
+    assert tables.main([], root=docs_copy) == 0
+    text = readme.read_text()
+    assert "| **recipe-sgd** | 0.784 | 0.790 | 699 s |" in text
+    assert tables.main(["--check"], root=docs_copy) == 0
+    readme.write_text(text.replace("0.790", "0.791"))
+    assert tables.main(["--check"], root=docs_copy) == 1
+
+
+def _edit_json(path, drop=(), **changes):
+    record = json.loads(path.read_text()) | changes
+    for key in drop:
+        del record[key]
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda results: (results / "recipe-sgd.json").write_text("{not json"), "recipe-sgd.json: not valid JSON"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]), "recipe-sgd.json: missing field 'test_accuracy'"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", seed="42"), "recipe-sgd.json: field 'seed' has the wrong type (str)"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", run="recipe-x"), "field 'run' is 'recipe-x'"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", epoch_seconds=[1, 2]), "2 epoch_seconds for 5 epochs"),
+        (lambda results: (results / "recipe-lean_history.csv").unlink(), "recipe-lean_history.csv: not found"),
+        (lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"), "missing column(s) loss, val_accuracy, val_loss"),
+        (lambda results: (results / "original-defaults.json").unlink(), "original-defaults.json: not found"),
+        (lambda results: _edit_json(results / "recipe-flip.json", based_on="recipe-none"), "based_on 'recipe-none'"),
+        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:nothing -->\n<!-- /table -->\n"), "unknown table 'nothing'"),
+        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:readme -->\n"), "needs its own <!-- /table -->"),
+    ],
+)
+def test_a_missing_or_malformed_file_is_named_and_nothing_is_written(docs_copy, caplog, damage, message):
+    damage(docs_copy / "docs" / "results")
+    readme = (docs_copy / "README.md").read_text()
+    assert load_tables().main([], root=docs_copy) == 2
+    assert message in caplog.text
+    assert (docs_copy / "README.md").read_text() == readme
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.stem)
+def test_each_result_file_holds_valid_params(tmp_path, path):
+    from alexnet8.params import load_params
+
+    record = json.loads(path.read_text())
+    overrides = {f"{section}.{key}": value for section, keys in record["params"].items() for key, value in keys.items()}
+    params = load_params(write_params(tmp_path / "params.yaml", seed=record["seed"], **overrides))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(params, section), key) == value, dotted
+
+
+def test_each_recipe_file_has_the_params_of_its_results():
+    """recipes/<name>.yaml (what `make recipe NAME=<name>` runs) and docs/results/<name>.json agree."""
+    import yaml
+
+    recipes = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
+    pairs = [(recipe, RESULTS / f"{recipe.stem}.json") for recipe in recipes if (RESULTS / f"{recipe.stem}.json").exists()]
+    if not pairs:
+        pytest.skip("no recipes/<name>.yaml with results in docs/results/")
+    for recipe, result in pairs:
+        record = json.loads(result.read_text())
+        expected = record["params"] | ({"seed": record["seed"]} if record["seed"] != 42 else {})
+        assert yaml.safe_load(recipe.read_text()) == expected, recipe.name
