@@ -10,6 +10,7 @@ import pytest
 from conftest import PROJECT_ROOT, load_script, write_params
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
+FIGURES = PROJECT_ROOT / "docs" / "figures"
 
 
 def load_recipes_figure():
@@ -37,6 +38,29 @@ def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
     assert [path.name for path in tmp_path.iterdir()] == ["recipes.png"]  # no temporary file left
 
 
+# The commands docs/results.md gives for its figures.
+COMMITTED_FIGURES = {
+    "recipes-2026-11-29.png": [
+        f"original={history('original-defaults')}", f"recipe-lean={history('recipe-lean')}",
+        f"recipe-sgd={history('recipe-sgd')}", f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
+    ],
+    "original-defaults-curves.png": ["--stage", f"original={history('original-defaults')}"],
+}
+
+
+@pytest.mark.parametrize("figure", COMMITTED_FIGURES)
+def test_each_committed_figure_is_redrawn_byte_for_byte_from_the_histories(tmp_path, figure):
+    arguments = COMMITTED_FIGURES[figure]
+    options = [argument for argument in arguments if argument.startswith("--")]
+    out = tmp_path / figure
+    load_recipes_figure().main([*options, str(out), *(argument for argument in arguments if argument not in options)])
+    assert out.read_bytes() == (FIGURES / figure).read_bytes(), f"redraw docs/figures/{figure} (see docs/results.md)"
+
+
+def test_every_committed_figure_is_redrawable():
+    assert sorted(path.name for path in FIGURES.glob("*.png")) == sorted(COMMITTED_FIGURES)
+
+
 @pytest.mark.parametrize(
     ("argument", "message"),
     [
@@ -52,6 +76,15 @@ def test_a_bad_argument_names_the_problem_and_writes_nothing(tmp_path, capsys, a
         load_recipes_figure().main([str(out), good, argument])
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_stage_figure_takes_exactly_one_history(tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    with pytest.raises(SystemExit) as stopped:
+        load_recipes_figure().main(["--stage", str(out), f"a={history('recipe-sgd')}", f"b={history('recipe-lean')}"])
+    assert stopped.value.code == 2
+    assert "--stage draws one run, got 2" in capsys.readouterr().err
     assert not out.exists()
 
 
