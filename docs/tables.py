@@ -61,7 +61,8 @@ logger = logging.getLogger("tables")
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
-MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.DOTALL)
+MARKER = re.compile(r"^(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)^(<!-- /table -->)", re.DOTALL | re.MULTILINE)
+CODE = re.compile(r"^(```.*?^```)", re.DOTALL | re.MULTILINE)  # fenced code: markers there are examples
 REQUIRED = {
     "run": str, "date": str, "machine": str, "archive_md5": str, "seed": int, "based_on": (str, type(None)),
     "params": dict, "epochs": int, "history": (str, type(None)), "epoch_seconds": (list, type(None)),
@@ -313,16 +314,23 @@ def pages(root: Path = ROOT) -> list[Path]:
 
 
 def render(text: str, page: Path, runs: dict[str, Run], defaults: dict) -> str:
+    """`text` with each table between its markers (at the start of a line, outside code blocks) rendered."""
+
     def replace(match: re.Match) -> str:
         name = match["name"]
         if name not in TABLES:
             raise ResultsError(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
         return match.group(1) + TABLES[name](runs, defaults) + match.group(4)
 
-    opened, closed = text.count("<!-- table:"), text.count("<!-- /table -->")
-    if opened != closed or opened != len(MARKER.findall(text)):
-        raise ResultsError(f"{page}: every <!-- table:NAME --> needs its own <!-- /table --> after it")
-    return MARKER.sub(replace, text)
+    parts = CODE.split(text)  # odd items are code blocks, left as they are
+    for index in range(0, len(parts), 2):
+        part = parts[index]
+        opened = len(re.findall(r"^<!-- table:", part, re.MULTILINE))
+        closed = len(re.findall(r"^<!-- /table -->", part, re.MULTILINE))
+        if opened != closed or opened != len(MARKER.findall(part)):
+            raise ResultsError(f"{page}: every <!-- table:NAME --> needs its own <!-- /table --> after it")
+        parts[index] = MARKER.sub(replace, part)
+    return "".join(parts)
 
 
 def main(argv: Sequence[str] | None = None, root: Path = ROOT) -> int:

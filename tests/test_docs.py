@@ -119,6 +119,15 @@ def test_check_reports_a_stale_page_and_the_script_rewrites_it(docs_copy, caplog
     assert tables.main(["--check"], root=docs_copy) == 1
 
 
+def test_markers_in_code_blocks_are_examples_and_left_alone(docs_copy):
+    tables = load_tables()
+    readme = docs_copy / "README.md"
+    example = "```\n<!-- table:recipes -->\n...generated...\n<!-- /table -->\n```\n"
+    readme.write_text(readme.read_text() + example)
+    assert tables.main([], root=docs_copy) == 0
+    assert readme.read_text().endswith(example)
+
+
 def _edit_json(path, drop=(), **changes):
     record = json.loads(path.read_text()) | changes
     for key in drop:
