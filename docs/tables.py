@@ -255,7 +255,8 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
     for run in originals + others:
         epochs = f"{run.epochs_run}" if run.epochs_run == run.record["epochs"] else f"{run.epochs_run} of {run.record['epochs']} (stopped)"
         rows.append([
-            f"`{run.name}`", epochs, fixed(run.validation_accuracy[-1]), fixed(run.record["test_accuracy"]),
+            f"`{run.name}`", epochs, fixed(run.validation_accuracy[-1]),
+            "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
             seconds(run), machine(run), overrides(run, runs, defaults),
         ])
     header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine", "params"]

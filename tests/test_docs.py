@@ -1,8 +1,10 @@
-"""The docs' figures and tables are redrawn from the committed results; bad files stop the scripts cleanly."""
+"""The docs: figures and tables are redrawn from the committed results (bad files stop the scripts cleanly),
+the README stays short, and links between the pages resolve."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -11,6 +13,7 @@ from conftest import PROJECT_ROOT, load_script, write_params
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 FIGURES = PROJECT_ROOT / "docs" / "figures"
+PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 
 
 def load_recipes_figure():
@@ -183,3 +186,41 @@ def test_each_recipe_file_has_the_params_of_its_results():
         record = json.loads(result.read_text())
         expected = record["params"] | ({"seed": record["seed"]} if record["seed"] != 42 else {})
         assert yaml.safe_load(recipe.read_text()) == expected, recipe.name
+
+
+# Pages --------------------------------------------------------------------------------------------
+
+
+def test_the_readme_reads_in_five_minutes():
+    assert len((PROJECT_ROOT / "README.md").read_bytes()) <= 12 * 1024, "move details to docs/"
+
+
+def test_there_are_docs_pages():
+    assert {page.name for page in PAGES} >= {
+        "README.md", "results.md", "performance.md", "experiments.md", "operations.md", "scaling.md", "development.md"}
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+
+
+def anchors(page) -> set[str]:
+    """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", CODE.sub("", page.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_relative_link_points_to_a_file_and_heading(page):
+    broken = []
+    for target in LINK.findall(CODE.sub("", page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page.name}: {broken}"
+
