@@ -1,11 +1,13 @@
 """The docs: figures and tables are redrawn from the committed results (bad files stop the scripts cleanly),
-the README stays short, and links between the pages resolve."""
+the README stays short, links between the pages resolve, and no tracked file holds a path of the
+development machines."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
 
 import pytest
 
@@ -223,4 +225,26 @@ def test_every_relative_link_points_to_a_file_and_heading(page):
         elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
             broken.append(f"{target}: no such heading")
     assert not broken, f"{page.name}: {broken}"
+
+
+def test_no_development_machine_paths_in_tracked_files():
+    """Docs and code say /path/to/..., never where files were on the machines this was developed on."""
+    # Built in pieces, so that this file does not match itself.
+    leak = re.compile("/" + "work/" + "|" + r"\.\./" + "shared/" + "|" + "shared" + "/(bench|data|reference|hooks)")
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    found = []
+    for name in filter(None, listed.decode().split("\0")):
+        path = PROJECT_ROOT / name
+        if name == "requirements.lock" or not path.is_file():
+            continue
+        content = path.read_bytes()
+        if b"\0" in content:  # binary: the figures
+            continue
+        for number, line in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
+            if leak.search(line):
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "paths of the development machines (write /path/to/... instead):\n" + "\n".join(found)
 
