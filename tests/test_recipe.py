@@ -12,7 +12,7 @@ from alexnet8.params import TrainParams
 from alexnet8.train import learning_rate, make_dataset, make_optimizer
 from conftest import write_params
 
-# The recipes of the README's "Accuracy" table, as `dvc exp run -S` overrides.
+# The recipes of the recipes table in docs/results.md, as `dvc exp run -S` overrides.
 RECIPE = {
     "preprocess.normalization": "standardize", "train.batch_size": 64, "train.optimizer": "adamw",
     "train.learning_rate": 0.002, "train.lr_schedule": "warmup_cosine", "train.warmup_fraction": 0.2,
