@@ -133,6 +133,8 @@ def read_run(path: Path) -> Run:
             raise ResultsError(f"{path}: field {field!r} has the wrong type ({type(value).__name__})")
     if record["run"] != path.stem:
         raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
+    if not all(isinstance(keys, dict) for keys in record["params"].values()):
+        raise ResultsError(f"{path}: 'params' must be nested by section, as in params.yaml")
     if "seed" in record["params"] or "fetch" in record["params"]:
         raise ResultsError(f"{path}: 'params' must not hold seed or fetch (seed has its own field)")
     history = None

@@ -147,6 +147,7 @@ def _edit_json(path, drop=(), **changes):
         (lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]), "recipe-sgd.json: missing field 'test_accuracy'"),
         (lambda results: _edit_json(results / "recipe-sgd.json", seed="42"), "recipe-sgd.json: field 'seed' has the wrong type (str)"),
         (lambda results: _edit_json(results / "recipe-sgd.json", run="recipe-x"), "field 'run' is 'recipe-x'"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", params={"train.dropout": 0.0}), "'params' must be nested by section"),
         (lambda results: _edit_json(results / "recipe-sgd.json", epoch_seconds=[1, 2]), "2 epoch_seconds for 5 epochs"),
         (lambda results: (results / "recipe-lean_history.csv").unlink(), "recipe-lean_history.csv: not found"),
         (lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"), "missing column(s) loss, val_accuracy, val_loss"),
