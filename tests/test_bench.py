@@ -1,4 +1,4 @@
-"""The layer profiler's arithmetic and timings: the README's "where the time goes" table rests on them."""
+"""The layer profiler's arithmetic and timings: the "where a training step's time goes" table of docs/performance.md rests on them."""
 
 from __future__ import annotations
 

@@ -1,16 +1,36 @@
-"""The README's recipes figure can be redrawn from the committed histories, and bad arguments stop it cleanly."""
+"""The docs: figures and tables are redrawn from the committed results (bad files stop the scripts cleanly),
+the README stays short, links between the pages resolve, and no tracked file holds a path of the
+development machines."""
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+import subprocess
+
 import pytest
 
-from helpers import PROJECT_ROOT, load_script
+from helpers import PROJECT_ROOT, load_script, write_params
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
+FIGURES = PROJECT_ROOT / "docs" / "figures"
+PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 
 
 def load_recipes_figure():
     return load_script("docs/figures/recipes_figure.py")
+
+
+def load_tables():
+    return load_script("docs/tables.py")
+
+
+def history(name: str) -> str:
+    return str(RESULTS / f"{name}_history.csv")
+
+
+# Figures ------------------------------------------------------------------------------------------
 
 
 def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
@@ -21,6 +41,29 @@ def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
     load_recipes_figure().main([str(out)] + [f"{path.name.removesuffix('_history.csv')}={path}" for path in histories])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [path.name for path in tmp_path.iterdir()] == ["recipes.png"]  # no temporary file left
+
+
+# The commands docs/results.md gives for its figures.
+COMMITTED_FIGURES = {
+    "recipes-2026-11-29.png": [
+        f"original={history('original-defaults')}", f"recipe-lean={history('recipe-lean')}",
+        f"recipe-sgd={history('recipe-sgd')}", f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
+    ],
+    "original-defaults-curves.png": ["--stage", f"original={history('original-defaults')}"],
+}
+
+
+@pytest.mark.parametrize("figure", COMMITTED_FIGURES)
+def test_each_committed_figure_is_redrawn_byte_for_byte_from_the_histories(tmp_path, figure):
+    arguments = COMMITTED_FIGURES[figure]
+    options = [argument for argument in arguments if argument.startswith("--")]
+    out = tmp_path / figure
+    load_recipes_figure().main([*options, str(out), *(argument for argument in arguments if argument not in options)])
+    assert out.read_bytes() == (FIGURES / figure).read_bytes(), f"redraw docs/figures/{figure} (see docs/results.md)"
+
+
+def test_every_committed_figure_is_redrawable():
+    assert sorted(path.name for path in FIGURES.glob("*.png")) == sorted(COMMITTED_FIGURES)
 
 
 @pytest.mark.parametrize(
@@ -39,3 +82,170 @@ def test_a_bad_argument_names_the_problem_and_writes_nothing(tmp_path, capsys, a
     assert stopped.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_stage_figure_takes_exactly_one_history(tmp_path, capsys):
+    out = tmp_path / "curves.png"
+    with pytest.raises(SystemExit) as stopped:
+        load_recipes_figure().main(["--stage", str(out), f"a={history('recipe-sgd')}", f"b={history('recipe-lean')}"])
+    assert stopped.value.code == 2
+    assert "--stage draws one run, got 2" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# Tables -------------------------------------------------------------------------------------------
+
+
+def test_the_tables_in_the_docs_are_those_the_result_files_give():
+    assert load_tables().main(["--check"]) == 0, "run: python docs/tables.py"
+
+
+@pytest.fixture
+def docs_copy(tmp_path):
+    """A copy of what docs/tables.py reads, with one page holding every table."""
+    shutil.copytree(RESULTS, tmp_path / "docs" / "results")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
+    tables = load_tables().TABLES
+    (tmp_path / "README.md").write_text("".join(f"<!-- table:{name} -->\n<!-- /table -->\n\n" for name in tables))
+    return tmp_path
+
+
+def test_check_reports_a_stale_page_and_the_script_rewrites_it(docs_copy, caplog):
+    tables = load_tables()
+    readme = docs_copy / "README.md"
+    assert tables.main(["--check"], root=docs_copy) == 1
+    assert "README.md: tables out of date" in caplog.text
+    assert "| recipe |" not in readme.read_text()  # --check changes nothing
+    assert tables.main([], root=docs_copy) == 0
+    text = readme.read_text()
+    assert "| **recipe-sgd** | 0.784 | 0.790 | 699 s |" in text
+    assert tables.main(["--check"], root=docs_copy) == 0
+    readme.write_text(text.replace("0.790", "0.791"))
+    assert tables.main(["--check"], root=docs_copy) == 1
+
+
+def test_markers_in_code_blocks_are_examples_and_left_alone(docs_copy):
+    tables = load_tables()
+    readme = docs_copy / "README.md"
+    example = "```\n<!-- table:recipes -->\n...generated...\n<!-- /table -->\n```\n"
+    readme.write_text(readme.read_text() + example)
+    assert tables.main([], root=docs_copy) == 0
+    assert readme.read_text().endswith(example)
+
+
+def _edit_json(path, drop=(), **changes):
+    record = json.loads(path.read_text()) | changes
+    for key in drop:
+        del record[key]
+    path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda results: (results / "recipe-sgd.json").write_text("{not json"), "recipe-sgd.json: not valid JSON"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]), "recipe-sgd.json: missing field 'test_accuracy'"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", seed="42"), "recipe-sgd.json: field 'seed' has the wrong type (str)"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", run="recipe-x"), "field 'run' is 'recipe-x'"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", params={"train.dropout": 0.0}), "'params' must be nested by section"),
+        (lambda results: _edit_json(results / "recipe-sgd.json", epoch_seconds=[1, 2]), "2 epoch_seconds for 5 epochs"),
+        (lambda results: (results / "recipe-lean_history.csv").unlink(), "recipe-lean_history.csv: not found"),
+        (lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"), "missing column(s) loss, val_accuracy, val_loss"),
+        (lambda results: (results / "original-defaults.json").unlink(), "original-defaults.json: not found"),
+        (lambda results: _edit_json(results / "recipe-flip.json", based_on="recipe-none"), "based_on 'recipe-none'"),
+        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:nothing -->\n<!-- /table -->\n"), "unknown table 'nothing'"),
+        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:readme -->\n"), "needs its own <!-- /table -->"),
+    ],
+)
+def test_a_missing_or_malformed_file_is_named_and_nothing_is_written(docs_copy, caplog, damage, message):
+    damage(docs_copy / "docs" / "results")
+    readme = (docs_copy / "README.md").read_text()
+    assert load_tables().main([], root=docs_copy) == 2
+    assert message in caplog.text
+    assert (docs_copy / "README.md").read_text() == readme
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.stem)
+def test_each_result_file_holds_valid_params(tmp_path, path):
+    from alexnet8.params import load_params
+
+    record = json.loads(path.read_text())
+    overrides = {f"{section}.{key}": value for section, keys in record["params"].items() for key, value in keys.items()}
+    params = load_params(write_params(tmp_path / "params.yaml", seed=record["seed"], **overrides))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(params, section), key) == value, dotted
+
+
+def test_each_recipe_file_has_the_params_of_its_results():
+    """recipes/<name>.yaml (what `make recipe NAME=<name>` runs) and docs/results/<name>.json agree."""
+    import yaml
+
+    recipes = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
+    pairs = [(recipe, RESULTS / f"{recipe.stem}.json") for recipe in recipes if (RESULTS / f"{recipe.stem}.json").exists()]
+    if not pairs:
+        pytest.skip("no recipes/<name>.yaml with results in docs/results/")
+    for recipe, result in pairs:
+        record = json.loads(result.read_text())
+        expected = record["params"] | ({"seed": record["seed"]} if record["seed"] != 42 else {})
+        assert yaml.safe_load(recipe.read_text()) == expected, recipe.name
+
+
+# Pages --------------------------------------------------------------------------------------------
+
+
+def test_the_readme_reads_in_five_minutes():
+    assert len((PROJECT_ROOT / "README.md").read_bytes()) <= 12 * 1024, "move details to docs/"
+
+
+def test_there_are_docs_pages():
+    assert {page.name for page in PAGES} >= {
+        "README.md", "results.md", "performance.md", "experiments.md", "operations.md", "scaling.md", "development.md"}
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE = re.compile(r"^```.*?^```", re.DOTALL | re.MULTILINE)
+
+
+def anchors(page) -> set[str]:
+    """GitHub's anchors for the page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", CODE.sub("", page.read_text()), re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_relative_link_points_to_a_file_and_heading(page):
+    broken = []
+    for target in LINK.findall(CODE.sub("", page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no such heading")
+    assert not broken, f"{page.name}: {broken}"
+
+
+def test_no_development_machine_paths_in_tracked_files():
+    """Docs and code say /path/to/..., never where files were on the machines this was developed on."""
+    # Built in pieces, so that this file does not match itself.
+    leak = re.compile("/" + "work/" + "|" + r"\.\./" + "shared/" + "|" + "shared" + "/(bench|data|reference|hooks)")
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    found = []
+    for name in filter(None, listed.decode().split("\0")):
+        path = PROJECT_ROOT / name
+        if name == "requirements.lock" or not path.is_file():
+            continue
+        content = path.read_bytes()
+        if b"\0" in content:  # binary: the figures
+            continue
+        for number, line in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
+            if leak.search(line):
+                found.append(f"{name}:{number}: {line.strip()}")
+    assert not found, "paths of the development machines (write /path/to/... instead):\n" + "\n".join(found)
+

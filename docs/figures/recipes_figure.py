@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Validation accuracy and loss per epoch of several recipes on one figure (the README's).
+"""Accuracy and loss per epoch of one or more training runs: the figures of the docs.
 
-Usage: python docs/figures/recipes_figure.py OUT.png NAME=HISTORY.csv [NAME=HISTORY.csv ...]
+Usage:
+    python docs/figures/recipes_figure.py OUT.png NAME=HISTORY.csv [NAME=HISTORY.csv ...]
+    python docs/figures/recipes_figure.py --stage OUT.png NAME=HISTORY.csv
 
-Each HISTORY.csv is a train stage's `reports/train_history.csv` (Keras' CSVLogger format).
-Reads only those files; writes OUT.png.
+The first draws each run's validation (solid) and training (dashed) curves on one figure; with
+--stage, one run is drawn as the pipeline's plot stage draws reports/figures/training_curves.png.
+Each HISTORY.csv is a train stage's `reports/train_history.csv` (Keras' CSVLogger format), such
+as docs/results/<run>_history.csv. Reads only those files; writes OUT.png.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alexnet8.errors import DataError  # noqa: E402
-from alexnet8.plot import read_history, save_figure  # noqa: E402
+from alexnet8.plot import curves_figure, read_history, save_figure  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", action="store_true", help="draw one run as the plot stage does")
     parser.add_argument("out")
     parser.add_argument("histories", nargs="+", metavar="NAME=HISTORY.csv")
     arguments = parser.parse_args(argv)
@@ -37,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             recipes.append((name, read_history(path)))
         except DataError as error:
             parser.error(str(error))
+    if arguments.stage:
+        if len(recipes) != 1:
+            parser.error(f"--stage draws one run, got {len(recipes)}")
+        save_figure(curves_figure(recipes[0][1]), arguments.out)
+        return
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, history in recipes:
         epochs = np.arange(1, len(history["loss"]) + 1)

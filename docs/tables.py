@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""Render the results tables of the docs from the committed result files.
+
+Usage:
+    python docs/tables.py           # rewrite the tables in the pages
+    python docs/tables.py --check   # change nothing; exit 1 if a page's tables are out of date
+
+Reads:
+    docs/results/<run>.json          one file per full-data run (fields below)
+    docs/results/<run>_history.csv   the run's per-epoch history, when the JSON names one
+                                     (the train stage's reports/train_history.csv)
+    params.yaml                      the defaults, to show how one run's params differ from another's
+Writes:
+    README.md and docs/*.md, only between the marker comments of a table:
+
+        <!-- table:NAME -->
+        ...generated, do not edit...
+        <!-- /table -->
+
+    NAME is one of the keys of TABLES at the end of this file.
+
+A run's JSON holds:
+    run               its name, the same as the file's stem
+    date, machine     when and on what it ran
+    archive_md5       md5 of the CIFAR-10 archive it was trained on
+    seed              the `seed` param
+    based_on          another run (the table shows this run's params as differences from it), or null
+    params            every param other than `seed` and `fetch.*` that differs from params.yaml,
+                      nested by section as in params.yaml
+    epochs            `train.epochs`
+    history           the history CSV's file name in docs/results/, or null if it was not kept
+    validation_accuracy
+                      only without a history: per-epoch validation accuracy, null where unknown
+    epoch_seconds     train-stage wall time of each epoch run (the first includes building the model),
+                      or null
+    timing            what else ran on the machine meanwhile, or null
+    pipeline_seconds  wall time of the whole `dvc repro` / `dvc exp run`, or null
+    test_accuracy, test_loss
+                      from the evaluate stage, or null (not evaluated, or not recorded)
+    commit, note      optional
+
+Exit status: 0 done (or up to date), 1 out of date (with --check), 2 a missing or malformed file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+
+import yaml
+
+logger = logging.getLogger("tables")
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+MARKER = re.compile(r"^(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)^(<!-- /table -->)", re.DOTALL | re.MULTILINE)
+CODE = re.compile(r"^(```.*?^```)", re.DOTALL | re.MULTILINE)  # fenced code: markers there are examples
+REQUIRED = {
+    "run": str, "date": str, "machine": str, "archive_md5": str, "seed": int, "based_on": (str, type(None)),
+    "params": dict, "epochs": int, "history": (str, type(None)), "epoch_seconds": (list, type(None)),
+    "timing": (str, type(None)), "pipeline_seconds": (int, float, type(None)),
+    "test_accuracy": (float, type(None)), "test_loss": (float, type(None)),
+}
+HISTORY_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+
+
+class ResultsError(Exception):
+    """A result file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass
+class Run:
+    record: dict
+    history: list[dict[str, float]] | None  # one row per epoch, or None if the history was not kept
+
+    @property
+    def name(self) -> str:
+        return self.record["run"]
+
+    @property
+    def validation_accuracy(self) -> list[float | None]:
+        if self.history is not None:
+            return [row["val_accuracy"] for row in self.history]
+        return self.record["validation_accuracy"]
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.validation_accuracy)
+
+
+# Reading ------------------------------------------------------------------------------------------
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as stream:
+            rows = list(csv.DictReader(stream))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: not found") from None
+    if not rows:
+        raise ResultsError(f"{path}: no epochs in it")
+    missing = [column for column in HISTORY_COLUMNS if column not in rows[0]]
+    if missing:
+        raise ResultsError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:
+        return [{column: float(row[column]) for column in HISTORY_COLUMNS} for row in rows]
+    except (TypeError, ValueError) as error:
+        raise ResultsError(f"{path}: not a number: {error}") from None
+
+
+def read_run(path: Path) -> Run:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: not found") from None
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{path}: not valid JSON: {error}") from None
+    if not isinstance(record, dict):
+        raise ResultsError(f"{path}: expected a JSON object")
+    for field, kinds in REQUIRED.items():
+        if field not in record:
+            raise ResultsError(f"{path}: missing field {field!r}")
+        value = record[field]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise ResultsError(f"{path}: field {field!r} has the wrong type ({type(value).__name__})")
+    if record["run"] != path.stem:
+        raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
+    if not all(isinstance(keys, dict) for keys in record["params"].values()):
+        raise ResultsError(f"{path}: 'params' must be nested by section, as in params.yaml")
+    if "seed" in record["params"] or "fetch" in record["params"]:
+        raise ResultsError(f"{path}: 'params' must not hold seed or fetch (seed has its own field)")
+    history = None
+    if record["history"] is not None:
+        if "validation_accuracy" in record:
+            raise ResultsError(f"{path}: give either 'history' or 'validation_accuracy', not both")
+        history = read_history(path.parent / record["history"])
+    else:
+        values = record.get("validation_accuracy")
+        if not isinstance(values, list) or not values or not all(
+            value is None or (isinstance(value, float) and 0 <= value <= 1) for value in values
+        ):
+            raise ResultsError(f"{path}: without a 'history' file, 'validation_accuracy' must list each epoch's value (or null)")
+    run = Run(record, history)
+    seconds = record["epoch_seconds"]
+    if seconds is not None and len(seconds) != run.epochs_run:
+        raise ResultsError(f"{path}: {len(seconds)} epoch_seconds for {run.epochs_run} epochs")
+    return run
+
+
+def read_runs(results: Path = RESULTS) -> dict[str, Run]:
+    paths = sorted(results.glob("*.json"))
+    if not paths:
+        raise ResultsError(f"{results}: no result files (*.json)")
+    runs = {path.stem: read_run(path) for path in paths}
+    for run in runs.values():
+        base = run.record["based_on"]
+        if base is not None and base not in runs:
+            raise ResultsError(f"{results / run.name}.json: based_on {base!r}, but there is no {base}.json")
+    return runs
+
+
+def read_defaults(path: Path = ROOT / "params.yaml") -> dict:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: not found") from None
+    except yaml.YAMLError as error:
+        raise ResultsError(f"{path}: not valid YAML: {error}") from None
+
+
+# Formatting ---------------------------------------------------------------------------------------
+
+
+def fixed(value: float | None, places: int = 3) -> str:
+    """`value` rounded half up (0.7895 -> 0.790, as a person would), or "-" when unknown."""
+    if value is None:
+        return "-"
+    return str(Decimal(repr(value)).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+
+
+def yaml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def flat(params: dict) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, keys in params.items() for key, value in keys.items()}
+
+
+def overrides(run: Run, runs: dict[str, Run], defaults: dict) -> str:
+    """The run's params as `-S key=value` against params.yaml, or against the run it is based on."""
+    mine = flat(run.record["params"]) | {"seed": run.record["seed"]}
+    base_name = run.record["based_on"]
+    theirs = ({"seed": runs[base_name].record["seed"]} | flat(runs[base_name].record["params"])) if base_name else {}
+    default = flat({section: keys for section, keys in defaults.items() if isinstance(keys, dict)}) | {"seed": defaults["seed"]}
+    changed = []
+    for key in [*theirs, *(key for key in mine if key not in theirs)]:
+        ours = mine.get(key, default.get(key))
+        if ours != (theirs.get(key, default.get(key))):
+            changed.append(f"-S {key}={yaml_value(ours)}")
+    prefix = f"{base_name} with " if base_name else ""
+    if not changed:
+        return f"same params as {base_name}" if base_name else "params.yaml as it is"
+    return f"{prefix}`{' '.join(changed)}`"
+
+
+def seconds(run: Run) -> str:
+    """Total train-stage seconds, then each epoch's and what else ran meanwhile."""
+    values = run.record["epoch_seconds"]
+    if values is None:
+        return "not recorded"
+    notes = [" + ".join(str(value) for value in values)]
+    if run.record["timing"]:
+        notes.append(run.record["timing"])
+    return f"{sum(values)} ({'; '.join(notes)})"
+
+
+def machine(run: Run) -> str:
+    return f"{run.record['date']}, {run.record['machine']}"
+
+
+def need(runs: dict[str, Run], name: str) -> Run:
+    if name not in runs:
+        raise ResultsError(f"docs/results/{name}.json: not found (a table shows this run)")
+    return runs[name]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# Tables -------------------------------------------------------------------------------------------
+
+
+def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
+    """Every run: the original recipe's (newest first), then finished runs by test accuracy, then stopped ones."""
+
+    originals = sorted((run for run in runs.values() if run.name.startswith("original")), key=lambda run: run.record["date"], reverse=True)
+    others = sorted(
+        (run for run in runs.values() if not run.name.startswith("original")),
+        key=lambda run: (run.record["test_accuracy"] is None, -(run.record["test_accuracy"] or 0), run.name),
+    )
+    rows = []
+    for run in originals + others:
+        epochs = f"{run.epochs_run}" if run.epochs_run == run.record["epochs"] else f"{run.epochs_run} of {run.record['epochs']} (stopped)"
+        rows.append([
+            f"`{run.name}`", epochs, fixed(run.validation_accuracy[-1]),
+            "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
+            seconds(run), machine(run), overrides(run, runs, defaults),
+        ])
+    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine", "params"]
+    return table(header, rows)
+
+
+def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
+    run = need(runs, "original-defaults")
+    if run.history is None:
+        raise ResultsError("original-defaults.json names no history")
+    seconds = run.record["epoch_seconds"] or [None] * run.epochs_run
+    rows = [
+        [str(int(row["epoch"]) + 1), fixed(row["accuracy"]), fixed(row["loss"]), fixed(row["val_accuracy"]), fixed(row["val_loss"]), str(second)]
+        for row, second in zip(run.history, seconds)
+    ]
+    return table(["epoch", "train accuracy", "train loss", "validation accuracy", "validation loss", "seconds"], rows)
+
+
+def original_runs_table(runs: dict[str, Run], defaults: dict) -> str:
+    rows = [
+        [machine(run), ", ".join(fixed(value) for value in run.validation_accuracy), fixed(run.record["test_accuracy"]),
+         fixed(run.record["test_loss"])]
+        for run in sorted(runs.values(), key=lambda run: run.record["date"], reverse=True)
+        if run.name.startswith("original-defaults")
+    ]
+    return table(["date, machine", "validation accuracy after each epoch", "test accuracy", "test loss"], rows)
+
+
+def readme_table(runs: dict[str, Run], defaults: dict) -> str:
+    """The original recipe against the recommended one, both timed alone on the same machine."""
+    chosen = [("original (params.yaml)", "original-defaults", "`make pipeline`"),
+              ("**recipe-sgd**", "recipe-sgd-rerun", "`make recipe NAME=recipe-sgd`")]
+    rows = []
+    for label, name, command in chosen:
+        run = need(runs, name)
+        if run.record["epoch_seconds"] is None:
+            raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds")
+        rows.append([label, fixed(run.validation_accuracy[-1]), fixed(run.record["test_accuracy"]),
+                     f"{sum(run.record['epoch_seconds'])} s", command])
+    return table(["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "command"], rows)
+
+
+TABLES: dict[str, Callable[[dict[str, Run], dict], str]] = {
+    "readme": readme_table,
+    "recipes": recipes_table,
+    "original-epochs": original_epochs_table,
+    "original-runs": original_runs_table,
+}
+
+
+# Pages --------------------------------------------------------------------------------------------
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def render(text: str, page: Path, runs: dict[str, Run], defaults: dict) -> str:
+    """`text` with each table between its markers (at the start of a line, outside code blocks) rendered."""
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise ResultsError(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        return match.group(1) + TABLES[name](runs, defaults) + match.group(4)
+
+    parts = CODE.split(text)  # odd items are code blocks, left as they are
+    for index in range(0, len(parts), 2):
+        part = parts[index]
+        opened = len(re.findall(r"^<!-- table:", part, re.MULTILINE))
+        closed = len(re.findall(r"^<!-- /table -->", part, re.MULTILINE))
+        if opened != closed or opened != len(MARKER.findall(part)):
+            raise ResultsError(f"{page}: every <!-- table:NAME --> needs its own <!-- /table --> after it")
+        parts[index] = MARKER.sub(replace, part)
+    return "".join(parts)
+
+
+def main(argv: Sequence[str] | None = None, root: Path = ROOT) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
+    arguments = parser.parse_args(argv)
+    try:
+        runs = read_runs(root / "docs" / "results")
+        defaults = read_defaults(root / "params.yaml")
+        stale = []
+        for page in pages(root):
+            text = page.read_text(encoding="utf-8")
+            rendered = render(text, page, runs, defaults)
+            if rendered == text:
+                continue
+            stale.append(page)
+            if arguments.check:
+                logger.error("%s: tables out of date; run python docs/tables.py", page.relative_to(root))
+            else:
+                page.write_text(rendered, encoding="utf-8")
+                logger.info("%s: tables rewritten", page.relative_to(root))
+    except ResultsError as error:
+        logger.error("%s", error)
+        return 2
+    if not stale:
+        logger.info("all tables up to date")
+    return 1 if stale and arguments.check else 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
