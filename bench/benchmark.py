@@ -7,7 +7,7 @@ Usage:
 
 ARCHIVE is a CIFAR-10 binary tar.gz; SEED_SCRIPT a script that takes `ARCHIVE --train-images N
 --epochs 1` and prints `train_images_per_second <float>` (the original AlexNet8 script as
-written: shared/bench/seed_baseline.py on our machines). The archive is preprocessed once (the
+written, given as an argument). The archive is preprocessed once (the
 preprocess stage at params.yaml's values). Then, for each round, the reference and each of our
 configurations run one after the other, each in its own process, on the same number of training
 images (N, batch size from params.yaml: same steps), so that machine noise hits all alike. Ours
@@ -44,9 +44,9 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
     import keras
 
     from alexnet8.dataset import load_split
-    from alexnet8.params import load_params
     from alexnet8.input_pipeline import training_dataset
     from alexnet8.optimization import build_compiled_model
+    from alexnet8.params import load_params
     from alexnet8.runtime import configure_runtime
 
     params = load_params(PROJECT_ROOT / "params.yaml")
@@ -54,7 +54,9 @@ def worker(prepared: str, train_images: int, overrides: dict) -> None:
     configure_runtime(train_params)
     keras.utils.set_random_seed(params.seed)
     split = load_split(prepared, "train")
-    model = build_compiled_model(train_params, num_classes=10, steps_per_epoch=math.ceil(len(split.labels) / train_params.batch_size))
+    model = build_compiled_model(
+        train_params, num_classes=10, steps_per_epoch=math.ceil(len(split.labels) / train_params.batch_size)
+    )
 
     class Throughput(keras.callbacks.Callback):
         def __init__(self):
@@ -111,7 +113,9 @@ def main() -> None:
     parser.add_argument("--reference", help="the reference script (seed_baseline.py); required")
     parser.add_argument("--train-images", type=int, default=3200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--config", action="append", default=[], help="NAME=key=value,... (train.* overrides); repeatable")
+    parser.add_argument(
+        "--config", action="append", default=[], help="NAME=key=value,... (train.* overrides); repeatable"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -130,23 +134,55 @@ def main() -> None:
         prepared = Path(folder) / "prepared"
         preprocess(arguments.archive, prepared, params.preprocess, params.seed)
         for round_number in range(1, arguments.rounds + 1):
-            runs = [("reference", [sys.executable, arguments.reference, arguments.archive,
-                                   "--train-images", str(arguments.train_images), "--epochs", "1"])]
-            runs += [(name, [sys.executable, __file__, "--worker", str(prepared), str(arguments.train_images), json.dumps(overrides)])
-                     for name, overrides in configs.items()]
+            runs = [
+                (
+                    "reference",
+                    [
+                        sys.executable,
+                        arguments.reference,
+                        arguments.archive,
+                        "--train-images",
+                        str(arguments.train_images),
+                        "--epochs",
+                        "1",
+                    ],
+                )
+            ]
+            runs += [
+                (
+                    name,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--worker",
+                        str(prepared),
+                        str(arguments.train_images),
+                        json.dumps(overrides),
+                    ],
+                )
+                for name, overrides in configs.items()
+            ]
             for name, command in runs:
                 images_per_second, peak_mb, _ = measure(command)
                 results[name].append((images_per_second, peak_mb))
-                print(f"round {round_number} {name:>12}: {images_per_second:7.2f} images/s, peak RSS {peak_mb:7.0f} MB", flush=True)
+                print(
+                    f"round {round_number} {name:>12}: {images_per_second:7.2f} images/s, peak RSS {peak_mb:7.0f} MB",
+                    flush=True,
+                )
 
     reference_speed = statistics.median(speed for speed, _ in results["reference"])
     reference_memory = statistics.median(memory for _, memory in results["reference"])
-    print(f"\nmedian of {arguments.rounds} rounds, {arguments.train_images} training images, batch {params.train.batch_size}:")
+    print(
+        f"\nmedian of {arguments.rounds} rounds, {arguments.train_images} training images, "
+        f"batch {params.train.batch_size}:"
+    )
     for name, values in results.items():
         speed = statistics.median(value for value, _ in values)
         memory = statistics.median(value for _, value in values)
-        print(f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference), "
-              f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}")
+        print(
+            f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference), "
+            f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}"
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from alexnet8.params import TrainParams, load_params
 from alexnet8.optimization import build_compiled_model
+from alexnet8.params import TrainParams, load_params
 from alexnet8.runtime import configure_runtime
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -106,12 +106,18 @@ def table(rows: list[LayerTime], step_milliseconds: float, batch_size: int) -> s
     for row in rows:
         rate = f"{row.gflop / row.milliseconds * 1000:.0f}" if row.gflop else ""
         flops = f"{row.gflop:.2f}" if row.gflop else ""
-        lines.append(f"| {row.name} | {row.milliseconds:.1f} | {row.milliseconds / step_milliseconds:.0%} | {flops} | {rate} |")
+        lines.append(
+            f"| {row.name} | {row.milliseconds:.1f} | {row.milliseconds / step_milliseconds:.0%} | {flops} | {rate} |"
+        )
     layer_sum = sum(row.milliseconds for row in rows)
     total_gflop = sum(row.gflop for row in rows)
-    lines.append(f"| sum of the layers | {layer_sum:.1f} | {layer_sum / step_milliseconds:.0%} | {total_gflop:.2f} | {total_gflop / layer_sum * 1000:.0f} |")
     lines.append(
-        f"| whole training step | {step_milliseconds:.1f} | 100% | {total_gflop:.2f} | {total_gflop / step_milliseconds * 1000:.0f} "
+        f"| sum of the layers | {layer_sum:.1f} | {layer_sum / step_milliseconds:.0%} | {total_gflop:.2f} "
+        f"| {total_gflop / layer_sum * 1000:.0f} |"
+    )
+    lines.append(
+        f"| whole training step | {step_milliseconds:.1f} | 100% | {total_gflop:.2f} "
+        f"| {total_gflop / step_milliseconds * 1000:.0f} "
         f"({batch_size / step_milliseconds * 1000:.1f} images/s) |"
     )
     return "\n".join(lines)
@@ -126,13 +132,21 @@ def main() -> None:
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(PROJECT_ROOT / "params.yaml")
-    train_params = params.train.model_copy(update={"precision": arguments.precision, "batch_size": arguments.batch_size})
+    train_params = params.train.model_copy(
+        update={"precision": arguments.precision, "batch_size": arguments.batch_size}
+    )
     configure_runtime(train_params)
     keras.utils.set_random_seed(params.seed)
     model = build_compiled_model(train_params, num_classes=10, steps_per_epoch=1)
     rows = profile_layers(model, arguments.batch_size, arguments.seconds)
     step_milliseconds = time_training_step(model, arguments.batch_size, arguments.seconds)
-    logger.info("%s, batch %d, %d CPUs:\n%s", arguments.precision, arguments.batch_size, os.cpu_count(), table(rows, step_milliseconds, arguments.batch_size))
+    logger.info(
+        "%s, batch %d, %d CPUs:\n%s",
+        arguments.precision,
+        arguments.batch_size,
+        os.cpu_count(),
+        table(rows, step_milliseconds, arguments.batch_size),
+    )
 
 
 if __name__ == "__main__":

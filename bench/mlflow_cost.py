@@ -32,9 +32,9 @@ def main() -> None:
 
     import numpy as np
 
+    from alexnet8.mlflow_keras import EpochMetricsToMlflow, log_model
     from alexnet8.model import build_alexnet8
     from alexnet8.params import load_params
-    from alexnet8.mlflow_keras import EpochMetricsToMlflow, log_model
     from alexnet8.tracking import log_run_inputs, start_pipeline_run
 
     params = load_params(PROJECT_ROOT / "params.yaml")

@@ -49,5 +49,3 @@ def prepared_dir(tiny_archive, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     preprocess(tiny_archive[0], out, params.preprocess, params.seed)
     return out
-
-

@@ -85,10 +85,16 @@ def fresh_clone(destination: Path) -> Path:
     """A new git repository at `destination` holding the project as a clone of it would: the
     files git tracks or would track (untracked, not ignored), as they are in the working tree,
     so uncommitted work is tested too; nothing ignored (.venv, mlflow.db, data) comes along."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for relative in filter(None, listed):
         source = PROJECT_ROOT / relative
         if source.is_file():  # a tracked file deleted in the working tree is not cloned

@@ -1,12 +1,13 @@
-"""The layer profiler's arithmetic and timings: the "where a training step's time goes" table of docs/performance.md rests on them."""
+"""The layer profiler's arithmetic and timings: the "where a training step's time goes" table of
+docs/performance.md rests on them."""
 
 from __future__ import annotations
 
 import pytest
+from helpers import load_script
 
 from alexnet8.model import build_alexnet8
 from alexnet8.optimization import build_compiled_model
-from helpers import load_script
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,9 @@ def test_a_training_image_costs_0_71_gflop(layer_profile):
     assert per_layer["dense2"] == pytest.approx(3 * 2 * 2048 * 2048 / 1e9)
     assert per_layer["conv1_batchnorm"] == per_layer["pool3"] == 0
     assert sum(per_layer.values()) == pytest.approx(0.7074, abs=1e-4)
-    assert layer_profile.training_gflop(model.get_layer("conv4"), batch_size=32) == pytest.approx(32 * per_layer["conv4"])
+    assert layer_profile.training_gflop(model.get_layer("conv4"), batch_size=32) == pytest.approx(
+        32 * per_layer["conv4"]
+    )
 
 
 def test_every_layer_and_the_whole_step_are_timed(layer_profile, default_params):

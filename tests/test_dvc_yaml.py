@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "src" / "alexnet8"

@@ -15,21 +15,25 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from helpers import PROJECT_ROOT, write_params
 
+from alexnet8 import train
 from alexnet8.checkpoints import completed_epochs
 from alexnet8.dataset import load_split
 from alexnet8.errors import DataError, PipelineError
 from alexnet8.evaluate import load_trained_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.preprocess import read_archive
-from alexnet8 import train
-from helpers import PROJECT_ROOT, write_params
 
 TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32}
 
 
 def _params(**overrides) -> TrainParams:
-    values = load_params(PROJECT_ROOT / "params.yaml").train.model_dump() | {"epochs": 3, "batch_size": 16, "dense_units": 32}
+    values = load_params(PROJECT_ROOT / "params.yaml").train.model_dump() | {
+        "epochs": 3,
+        "batch_size": 16,
+        "dense_units": 32,
+    }
     return TrainParams(**(values | overrides))
 
 
@@ -62,9 +66,22 @@ def test_interrupted_training_resumes_to_bit_identical_weights(prepared_dir, tmp
 
 
 def _train_arguments(folder, prepared_dir, params_file):
-    return ["--params", str(params_file), "--data", str(prepared_dir), "--model", str(folder / "model.keras"),
-            "--history", str(folder / "history.csv"), "--metrics", str(folder / "train.json"),
-            "--run-file", str(folder / "run.json"), "--checkpoints", str(folder / "checkpoints")]
+    return [
+        "--params",
+        str(params_file),
+        "--data",
+        str(prepared_dir),
+        "--model",
+        str(folder / "model.keras"),
+        "--history",
+        str(folder / "history.csv"),
+        "--metrics",
+        str(folder / "train.json"),
+        "--run-file",
+        str(folder / "run.json"),
+        "--checkpoints",
+        str(folder / "checkpoints"),
+    ]
 
 
 def _interrupt_training_after(epoch, monkeypatch):
@@ -173,7 +190,9 @@ def test_model_files_are_loaded_in_safe_mode(tmp_path):
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path, signal_number):
     epochs = 12
-    arguments = _train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": epochs})))
+    arguments = _train_arguments(
+        tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": epochs}))
+    )
     command = [sys.executable, "-m", "alexnet8.train", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
@@ -198,5 +217,7 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
     [run] = _runs(client)
     assert run.info.status == "FINISHED"
     for metric in ("loss", "val_accuracy"):
-        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(range(epochs)), metric
+        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(range(epochs)), (
+            metric
+        )
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + epochs

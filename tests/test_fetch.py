@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+
 import pytest
+from helpers import write_params
 
 from alexnet8.errors import DataError
 from alexnet8.fetch import download
 from alexnet8.fetch import main as fetch_main
 from alexnet8.files import file_md5
-from helpers import write_params
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()

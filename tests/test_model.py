@@ -12,7 +12,11 @@ def test_parameter_count_matches_the_original():
 
 def test_layers_are_the_originals_in_order():
     model = build_alexnet8()
-    convolutions = [(layer.filters, layer.kernel_size, layer.padding) for layer in model.layers if layer.name.startswith("conv") and hasattr(layer, "filters")]
+    convolutions = [
+        (layer.filters, layer.kernel_size, layer.padding)
+        for layer in model.layers
+        if layer.name.startswith("conv") and hasattr(layer, "filters")
+    ]
     assert convolutions == [
         (96, (3, 3), "valid"),
         (256, (3, 3), "valid"),
@@ -22,7 +26,9 @@ def test_layers_are_the_originals_in_order():
     ]
     pools = [(layer.pool_size, layer.strides) for layer in model.layers if layer.name.startswith("pool")]
     assert pools == [((3, 3), (2, 2))] * 3
-    dense = [(layer.units, layer.activation.__name__) for layer in model.layers if layer.name.startswith(("dense", "class"))]
+    dense = [
+        (layer.units, layer.activation.__name__) for layer in model.layers if layer.name.startswith(("dense", "class"))
+    ]
     assert dense == [(2048, "relu"), (2048, "relu"), (10, "softmax")]
     assert [layer.rate for layer in model.layers if layer.name.startswith("dropout")] == [0.5, 0.5]
 

@@ -15,13 +15,20 @@ from helpers import SYSTEM_PATH, fresh_clone, minimal_environment, set_params
 pytestmark = pytest.mark.slow
 
 OUTPUTS = [
-    "data/raw/cifar-10-binary.tar.gz", "data/prepared/dataset.json", "models/model.keras", "models/mlflow_run.json",
-    "reports/train_metrics.json", "reports/test_metrics.json", "reports/figures/confusion_matrix.png",
+    "data/raw/cifar-10-binary.tar.gz",
+    "data/prepared/dataset.json",
+    "models/model.keras",
+    "models/mlflow_run.json",
+    "reports/train_metrics.json",
+    "reports/test_metrics.json",
+    "reports/figures/confusion_matrix.png",
 ]
 
 
 def _make(arguments: list[str], clone: Path, environment: dict[str, str]) -> str:
-    result = subprocess.run(["make", *arguments], cwd=clone, env=environment, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run(
+        ["make", *arguments], cwd=clone, env=environment, capture_output=True, text=True, timeout=1800
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"make {' '.join(arguments)} failed ({result.returncode}):\n{output}"
     return output

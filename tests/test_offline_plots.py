@@ -1,4 +1,5 @@
-"""`python -m alexnet8.offline_plots`: the pages of `dvc plots show` / `dvc plots diff` load no script from the network."""
+"""`python -m alexnet8.offline_plots`: the pages of `dvc plots show` / `dvc plots diff` load no
+script from the network."""
 
 from __future__ import annotations
 
@@ -13,15 +14,29 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import PROJECT_ROOT
 
 from alexnet8 import offline_plots
-from alexnet8.offline_plots import BUILDS, CONFIG_VALUE, PACKAGE, Build, OfflinePlotsError, offline_template, with_html_template
+from alexnet8.offline_plots import (
+    BUILDS,
+    CONFIG_VALUE,
+    PACKAGE,
+    Build,
+    OfflinePlotsError,
+    offline_template,
+    with_html_template,
+)
 
 PREDICTIONS = "actual,predicted\n" + "".join(
     f"{actual},{predicted}\n"
-    for actual, predicted in [("cat", "cat"), ("cat", "dog"), ("dog", "dog"), ("dog", "dog"), ("ship", "ship"), ("ship", "cat")]
+    for actual, predicted in [
+        ("cat", "cat"),
+        ("cat", "dog"),
+        ("dog", "dog"),
+        ("dog", "dog"),
+        ("ship", "ship"),
+        ("ship", "cat"),
+    ]
 )
 
 
@@ -105,7 +120,9 @@ def test_the_template_inlines_the_pinned_builds_in_load_order_and_drops_dvcs_cdn
 
 def test_a_build_that_is_not_the_pinned_one_is_refused(sources):
     altered = dict(sources, **{BUILDS[1].resource: sources[BUILDS[1].resource] + b"\n"})
-    with pytest.raises(OfflinePlotsError, match=rf"vega-lite5\.js from {PACKAGE} has sha256 .* expected {BUILDS[1].sha256}"):
+    with pytest.raises(
+        OfflinePlotsError, match=rf"vega-lite5\.js from {PACKAGE} has sha256 .* expected {BUILDS[1].sha256}"
+    ):
         offline_template(altered)
     with pytest.raises(OfflinePlotsError, match=r"vega5\.js \(vega 5\.33\.0\) is missing"):
         offline_template({})
@@ -153,7 +170,10 @@ def test_setting_the_template_keeps_every_other_local_setting():
 def test_a_project_is_configured_once_and_a_second_run_changes_nothing(tmp_path):
     from dvc.config import Config
 
-    root = dvc_project(tmp_path / "project", "['remote \"storage\"']\n    url = ssh://user@example.invalid/storage\n    password = secret\n")
+    root = dvc_project(
+        tmp_path / "project",
+        "['remote \"storage\"']\n    url = ssh://user@example.invalid/storage\n    password = secret\n",
+    )
     (root / ".dvc" / "config.local").chmod(0o600)
     (root / "sub").mkdir()
 
@@ -188,7 +208,9 @@ def test_a_template_the_user_chose_is_kept_with_a_warning(tmp_path, caplog):
 def test_without_the_package_it_names_it_and_writes_nothing(tmp_path, monkeypatch):
     root = dvc_project(tmp_path)
     monkeypatch.setattr(offline_plots, "PACKAGE_MODULE", "js_lib_vega_embed_not_installed")
-    with pytest.raises(OfflinePlotsError, match=rf"{PACKAGE} is not installed in this environment: .*requirements\.lock"):
+    with pytest.raises(
+        OfflinePlotsError, match=rf"{PACKAGE} is not installed in this environment: .*requirements\.lock"
+    ):
         offline_plots.main(["--repo", str(root)])
     assert sorted(files_under(root)) == [".dvc/config"]
 

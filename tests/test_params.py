@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import yaml
+from helpers import PROJECT_ROOT
 
 from alexnet8.errors import ParamsError
 from alexnet8.params import load_params, parse_params
-from helpers import PROJECT_ROOT
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
@@ -16,7 +16,12 @@ def test_the_shipped_params_are_the_original_scripts_defaults(default_params):
     train = default_params.train
     assert (train.optimizer, train.learning_rate, train.batch_size, train.epochs) == ("adam", 0.001, 32, 5)
     assert (train.dropout, train.dense_units) == (0.5, 2048)
-    assert (train.lr_batch_scaling, train.cutout_size, train.label_smoothing, train.random_flip) == ("none", 0, 0, False)
+    assert (train.lr_batch_scaling, train.cutout_size, train.label_smoothing, train.random_flip) == (
+        "none",
+        0,
+        0,
+        False,
+    )
     assert default_params.preprocess.normalization == "unit"
     assert default_params.fetch.md5 == "c32a1d4ab5d03f1284b67883e8d87530"
 

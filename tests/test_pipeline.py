@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-
 from helpers import commit_all, fresh_clone, run_command, write_params
 
 pytestmark = pytest.mark.slow
+
 
 def _run(command: list[str], cwd: Path) -> str:
     """A command typed in the project after `source .venv/bin/activate` (the README's way), with
@@ -27,20 +26,35 @@ def project(tmp_path_factory, tiny_archive) -> Path:
     """A git repository holding the project, its params pointed at the tiny archive, after one `dvc repro`."""
     root = fresh_clone(tmp_path_factory.mktemp("project"))
     archive, md5 = tiny_archive
-    write_params(root / "params.yaml", **{
-        "fetch.url": archive.as_uri(), "fetch.md5": md5,
-        "train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64,
-    })
+    write_params(
+        root / "params.yaml",
+        **{
+            "fetch.url": archive.as_uri(),
+            "fetch.md5": md5,
+            "train.epochs": 2,
+            "train.batch_size": 16,
+            "train.dense_units": 64,
+        },
+    )
     commit_all(root, "project on the tiny archive")
     _run(["dvc", "repro"], root)
     return root
 
 
 def test_repro_writes_every_output(project):
-    for relative in ["data/raw/cifar-10-binary.tar.gz", "data/prepared/train_images.npy", "data/prepared/dataset.json",
-                     "models/model.keras", "models/mlflow_run.json", "reports/train_history.csv", "reports/train_metrics.json",
-                     "reports/test_metrics.json", "reports/test_predictions.csv",
-                     "reports/figures/training_curves.png", "reports/figures/confusion_matrix.png"]:
+    for relative in [
+        "data/raw/cifar-10-binary.tar.gz",
+        "data/prepared/train_images.npy",
+        "data/prepared/dataset.json",
+        "models/model.keras",
+        "models/mlflow_run.json",
+        "reports/train_history.csv",
+        "reports/train_metrics.json",
+        "reports/test_metrics.json",
+        "reports/test_predictions.csv",
+        "reports/figures/training_curves.png",
+        "reports/figures/confusion_matrix.png",
+    ]:
         assert (project / relative).exists(), relative
     assert (project / "mlflow.db").exists()
 
@@ -71,8 +85,12 @@ def test_mlflow_run_holds_the_whole_pipeline(project):
         assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
     assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
     assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
-        "figures/training_curves.png", "figures/confusion_matrix.png"}
-    [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list")
+        "figures/training_curves.png",
+        "figures/confusion_matrix.png",
+    }
+    [logged] = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+    )
     model = mlflow.pyfunc.load_model(logged.model_uri)
     assert np.asarray(model.predict(np.zeros((2, 32, 32, 3), dtype=np.float32))).shape == (2, 10)
 
@@ -93,7 +111,10 @@ def _weights_digest(model_path: Path) -> str:
 
 def test_forced_reruns_are_bit_identical(project):
     before = _weights_digest(project / "models/model.keras")
-    metrics = {name: (project / name).read_bytes() for name in ("reports/test_metrics.json", "reports/train_metrics.json", "reports/train_history.csv")}
+    metrics = {
+        name: (project / name).read_bytes()
+        for name in ("reports/test_metrics.json", "reports/train_metrics.json", "reports/train_history.csv")
+    }
     _run(["dvc", "repro", "--force"], project)
     assert _weights_digest(project / "models/model.keras") == before
     for name, content in metrics.items():
@@ -101,8 +122,22 @@ def test_forced_reruns_are_bit_identical(project):
 
 
 def test_mlproject_runs_the_pipeline_in_the_launchers_run(project):
-    output = _run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "alexnet8-cifar10",
-                   "-P", "epochs=1", "-P", "batch_size=16"], project)
+    output = _run(
+        [
+            "mlflow",
+            "run",
+            ".",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "alexnet8-cifar10",
+            "-P",
+            "epochs=1",
+            "-P",
+            "batch_size=16",
+        ],
+        project,
+    )
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
     assert f"Run (ID '{run_id}') succeeded" in output
     run = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
@@ -126,8 +161,10 @@ def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
     assert (project / "diff_html" / "index.html").exists()
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = {run.data.tags.get("dvc.experiment"): run for run in client.search_runs(
-        experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])}
+    runs = {
+        run.data.tags.get("dvc.experiment"): run
+        for run in client.search_runs(experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])
+    }
     assert {"lr-low", "one-epoch"} <= set(runs)
     head = _run(["git", "rev-parse", "HEAD"], project).strip()
     for name in ("lr-low", "one-epoch"):
@@ -156,8 +193,10 @@ def test_queued_experiments_run_by_dvc_queue_start_each_become_an_mlflow_run(pro
 
     # Queued experiments run in temporary copies under .dvc/tmp/exps, yet log to the project's store.
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = {run.data.tags.get("dvc.experiment"): run for run in client.search_runs(
-        experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])}
+    runs = {
+        run.data.tags.get("dvc.experiment"): run
+        for run in client.search_runs(experiment_ids=[client.get_experiment_by_name("alexnet8-cifar10").experiment_id])
+    }
     for name, rate in rates.items():
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == str(rate)

@@ -7,12 +7,12 @@ import json
 
 import numpy as np
 import pytest
+from cifar_archive import cifar_members, random_split, records, write_archive
 
 from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.params import PreprocessParams
 from alexnet8.preprocess import preprocess, read_archive
-from cifar_archive import cifar_members, random_split, records, write_archive
 
 
 def test_records_are_decoded_to_images_and_labels(tmp_path):
@@ -37,7 +37,7 @@ def test_prepared_arrays_have_the_shapes_and_split_sizes(prepared_dir, tiny_arch
         assert data.images.shape == (size, 32, 32, 3) and data.images.dtype == np.float32
         assert data.labels.shape == (size,)
         assert isinstance(data.images, np.memmap)  # training reads from disk, not a copy
-        assert 0.0 <= data.images.min() and data.images.max() <= 1.0
+        assert data.images.min() >= 0.0 and data.images.max() <= 1.0
 
 
 def test_unit_scaling_equals_the_original_float64_division(tiny_archive, prepared_dir):
@@ -83,7 +83,10 @@ def _broken(members, name, data=None):
     [
         (lambda m: _broken(m, "data_batch_3.bin"), "member cifar-10-batches-bin/data_batch_3.bin is missing"),
         (lambda m: _broken(m, "test_batch.bin", m["test_batch.bin"][:-5]), "is not a whole number of 3073-byte"),
-        (lambda m: _broken(m, "data_batch_1.bin", b"\x0c" + m["data_batch_1.bin"][1:]), "record 0 has label 12, expected 0-9"),
+        (
+            lambda m: _broken(m, "data_batch_1.bin", b"\x0c" + m["data_batch_1.bin"][1:]),
+            "record 0 has label 12, expected 0-9",
+        ),
     ],
     ids=["missing member", "wrong record size", "label out of range"],
 )
@@ -91,11 +94,15 @@ def test_a_bad_archive_is_refused_and_nothing_is_written(tmp_path, change, messa
     archive = tmp_path / "bad.tar.gz"
     write_archive(archive, change(cifar_members(per_batch=10, test_count=10)))
     with pytest.raises(DataError, match=message):
-        preprocess(archive, tmp_path / "prepared", PreprocessParams(validation_fraction=0.1, normalization="unit"), seed=1)
+        preprocess(
+            archive, tmp_path / "prepared", PreprocessParams(validation_fraction=0.1, normalization="unit"), seed=1
+        )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.tar.gz"]
 
 
-@pytest.mark.parametrize("content", [b"not an archive at all", gzip.compress(b"gzip, but no tar inside")], ids=["not gzip", "not tar"])
+@pytest.mark.parametrize(
+    "content", [b"not an archive at all", gzip.compress(b"gzip, but no tar inside")], ids=["not gzip", "not tar"]
+)
 def test_a_file_that_is_not_a_tar_gz_is_named(tmp_path, content):
     archive = tmp_path / "cifar.tar.gz"
     archive.write_bytes(content)
@@ -107,4 +114,6 @@ def test_too_few_images_for_the_validation_fraction(tmp_path):
     archive = tmp_path / "cifar.tar.gz"
     write_archive(archive, cifar_members(per_batch=1, test_count=10))
     with pytest.raises(DataError, match="validation_fraction=0.01 gives 0 validation images out of 5"):
-        preprocess(archive, tmp_path / "prepared", PreprocessParams(validation_fraction=0.01, normalization="unit"), seed=1)
+        preprocess(
+            archive, tmp_path / "prepared", PreprocessParams(validation_fraction=0.01, normalization="unit"), seed=1
+        )

@@ -8,15 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
 from alexnet8.dataset import Split
 from alexnet8.evaluate import evaluate_model
+from alexnet8.input_pipeline import make_dataset
 from alexnet8.model import build_alexnet8
+from alexnet8.optimization import build_optimizer, learning_rate_or_schedule
 from alexnet8.params import TrainParams, load_params
 from alexnet8.recipe import checked_overrides, load_recipe, recipe_names
-from alexnet8.input_pipeline import make_dataset
-from alexnet8.optimization import build_optimizer, learning_rate_or_schedule
-from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
 RECIPES = PROJECT_ROOT / "recipes"
 
@@ -39,7 +39,15 @@ def test_every_recipe_trains_the_same_network_for_5_epochs_on_the_same_data(name
 
 
 def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
-    make = ["make", "-n", "--no-print-directory", "recipe", "NAME=recipe-sgd", "EXP=sgd-seed7", "SET=seed=7 train.precision=float32"]
+    make = [
+        "make",
+        "-n",
+        "--no-print-directory",
+        "recipe",
+        "NAME=recipe-sgd",
+        "EXP=sgd-seed7",
+        "SET=seed=7 train.precision=float32",
+    ]
     recipe_command = shlex.split(run_command(make, PROJECT_ROOT, minimal_environment()).strip().splitlines()[-1])
     assert recipe_command[:3] == ["python", "-m", "alexnet8.recipe"]
     output = run_command([*recipe_command, "--dry-run"], PROJECT_ROOT)
@@ -47,7 +55,10 @@ def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
     assert command[:5] == ["dvc", "exp", "run", "-n", "sgd-seed7"]
     settings = dict(item.split("=", 1) for item in command[6::2])
     assert command[5::2] == ["-S"] * len(settings)
-    expected = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in load_recipe("recipe-sgd", RECIPES).items()}
+    expected = {
+        key: str(value).lower() if isinstance(value, bool) else str(value)
+        for key, value in load_recipe("recipe-sgd", RECIPES).items()
+    }
     assert settings == expected | {"seed": "7", "train.precision": "float32"}
 
 
@@ -80,7 +91,9 @@ def test_constant_schedule_and_optimizers(recipe, default_params):
     assert learning_rate_or_schedule(default_params.train, 100) == 0.001
     adamw = build_optimizer(recipe.train, 100)
     assert type(adamw).__name__ == "AdamW" and adamw.weight_decay == pytest.approx(0.0005)
-    sgd = build_optimizer(TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100)
+    sgd = build_optimizer(
+        TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100
+    )
     assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.momentum == 0.9
 
 
@@ -99,8 +112,12 @@ def test_random_flip_keeps_each_label_with_its_image():
     split = _asymmetric_split()
     images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, random_flip=True), 64, 16)
     flipped = 0
-    for image, label in zip(images, labels):
-        [match] = [index for index, original in enumerate(split.images) if np.array_equal(image, original) or np.array_equal(image, original[:, ::-1])]
+    for image, label in zip(images, labels, strict=True):
+        [match] = [
+            index
+            for index, original in enumerate(split.images)
+            if np.array_equal(image, original) or np.array_equal(image, original[:, ::-1])
+        ]
         assert split.labels[match] == label
         flipped += not np.array_equal(image, split.images[match])
     assert 10 < flipped < 54  # about half
@@ -110,11 +127,16 @@ def test_random_crop_is_a_window_of_the_reflect_padded_image():
     split = _asymmetric_split()
     images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, random_crop_padding=4), 64, 16)
     shifted = 0
-    for image, label in zip(images, labels):
+    for image, label in zip(images, labels, strict=True):
         candidates = [index for index in range(64) if split.labels[index] == label]
         padded = {index: np.pad(split.images[index], ((4, 4), (4, 4), (0, 0)), mode="reflect") for index in candidates}
-        windows = [(index, row, column) for index in candidates for row in range(9) for column in range(9)
-                   if np.array_equal(padded[index][row:row + 32, column:column + 32], image)]
+        windows = [
+            (index, row, column)
+            for index in candidates
+            for row in range(9)
+            for column in range(9)
+            if np.array_equal(padded[index][row : row + 32, column : column + 32], image)
+        ]
         assert windows, "not a crop of any image with this label"
         shifted += windows[0][1:] != (4, 4)
     assert shifted > 40
@@ -132,8 +154,12 @@ def test_augmentation_is_a_function_of_seed_and_epoch():
 def test_cutout_zeroes_one_square_per_image_and_keeps_labels():
     split = _asymmetric_split()
     images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, cutout_size=8), 64, 16)
-    for image, label in zip(images, labels):
-        [match] = [index for index, original in enumerate(split.images) if np.array_equal((image == 0) | (image == original), np.ones_like(image, bool))]
+    for image, label in zip(images, labels, strict=True):
+        [match] = [
+            index
+            for index, original in enumerate(split.images)
+            if np.array_equal((image == 0) | (image == original), np.ones_like(image, bool))
+        ]
         assert split.labels[match] == label
         zero_rows, zero_columns = np.nonzero((image == 0).all(axis=2))
         # One rectangle of at most 8 x 8 (smaller where it hangs over an edge), at least 4 x 4.
@@ -160,8 +186,18 @@ def test_label_smoothing_trains_on_smoothed_one_hot_targets(prepared_dir, tmp_pa
 
 @pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_learning_rate_scales_with_the_batch_size(default_params, scaling, factor):
-    params = TrainParams(**(default_params.train.model_dump() | {
-        "batch_size": 128, "lr_batch_scaling": scaling, "lr_reference_batch_size": 32, "lr_schedule": "warmup_cosine", "warmup_fraction": 0.1}))
+    params = TrainParams(
+        **(
+            default_params.train.model_dump()
+            | {
+                "batch_size": 128,
+                "lr_batch_scaling": scaling,
+                "lr_reference_batch_size": 32,
+                "lr_schedule": "warmup_cosine",
+                "warmup_fraction": 0.1,
+            }
+        )
+    )
     assert params.peak_learning_rate == pytest.approx(0.001 * factor)
     schedule = learning_rate_or_schedule(params, steps_per_epoch=10)
     assert max(float(schedule(step)) for step in range(51)) == pytest.approx(0.001 * factor)
@@ -195,19 +231,24 @@ def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, pre
     from alexnet8.runtime import configure_runtime, distribution_strategy
     from alexnet8.train import train_model
 
-    params = TrainParams(**(default_params.train.model_dump() | {
-        "epochs": 1, "batch_size": 16, "dense_units": 16, "precision": precision, "jit_compile": True}))
+    params = TrainParams(
+        **(
+            default_params.train.model_dump()
+            | {"epochs": 1, "batch_size": 16, "dense_units": 16, "precision": precision, "jit_compile": True}
+        )
+    )
     configure_runtime(params)
     try:
         assert keras.mixed_precision.global_policy().name == precision
-        model, history = train_model(params, 1, load_split(prepared_dir, "train"), load_split(prepared_dir, "validation"), 10, tmp_path / "b")
+        model, history = train_model(
+            params, 1, load_split(prepared_dir, "train"), load_split(prepared_dir, "validation"), 10, tmp_path / "b"
+        )
         assert model.get_layer("conv1").compute_dtype == compute_dtype and model.output.dtype == "float32"
         assert np.isfinite(history["loss"]).all()
         gpus = len(tf.config.list_logical_devices("GPU"))
         assert distribution_strategy().num_replicas_in_sync == (gpus if gpus > 1 else 1)
     finally:
         keras.mixed_precision.set_global_policy("float32")
-
 
 
 def test_training_batches_are_read_from_the_file_as_from_the_array(prepared_dir):
@@ -217,9 +258,10 @@ def test_training_batches_are_read_from_the_file_as_from_the_array(prepared_dir)
     assert from_file.images_path is not None
     in_memory = Split(images=np.array(from_file.images), labels=np.array(from_file.labels))
     from_file_batches, in_memory_batches = (
-        _first_epoch(make_dataset(split, 16, shuffle_seed=5, random_flip=True), len(split.labels), 16) for split in (from_file, in_memory)
+        _first_epoch(make_dataset(split, 16, shuffle_seed=5, random_flip=True), len(split.labels), 16)
+        for split in (from_file, in_memory)
     )
-    for read, indexed in zip(from_file_batches, in_memory_batches):
+    for read, indexed in zip(from_file_batches, in_memory_batches, strict=True):
         np.testing.assert_array_equal(read, indexed)
 
 

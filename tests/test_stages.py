@@ -9,12 +9,12 @@ import keras
 import mlflow
 import numpy as np
 import pytest
+from helpers import write_params
 
 from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
 from alexnet8.plot import main as plot_main
 from alexnet8.train import main as train_main
-from helpers import write_params
 
 SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
 
@@ -28,16 +28,61 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
         params = write_params(folder / "params.yaml", **SMALL)
-        paths = {name: folder / relative for name, relative in {
-            "model": "models/model.keras", "run_file": "models/run.json", "history": "reports/history.csv",
-            "train_metrics": "reports/train.json", "test_metrics": "reports/test.json",
-            "predictions": "reports/predictions.csv", "curves": "reports/curves.png", "confusion": "reports/confusion.png",
-        }.items()}
+        paths = {
+            name: folder / relative
+            for name, relative in {
+                "model": "models/model.keras",
+                "run_file": "models/run.json",
+                "history": "reports/history.csv",
+                "train_metrics": "reports/train.json",
+                "test_metrics": "reports/test.json",
+                "predictions": "reports/predictions.csv",
+                "curves": "reports/curves.png",
+                "confusion": "reports/confusion.png",
+            }.items()
+        }
         common = ["--data", str(prepared_dir), "--run-file", str(paths["run_file"])]
-        train_main(["--params", str(params), *common, "--model", str(paths["model"]), "--history", str(paths["history"]), "--metrics", str(paths["train_metrics"]),
-                    "--checkpoints", str(folder / "checkpoints")])
-        evaluate_main(["--params", str(params), *common, "--model", str(paths["model"]), "--metrics", str(paths["test_metrics"]), "--predictions", str(paths["predictions"])])
-        plot_main([*common, "--history", str(paths["history"]), "--predictions", str(paths["predictions"]), "--curves", str(paths["curves"]), "--confusion", str(paths["confusion"])])
+        train_main(
+            [
+                "--params",
+                str(params),
+                *common,
+                "--model",
+                str(paths["model"]),
+                "--history",
+                str(paths["history"]),
+                "--metrics",
+                str(paths["train_metrics"]),
+                "--checkpoints",
+                str(folder / "checkpoints"),
+            ]
+        )
+        evaluate_main(
+            [
+                "--params",
+                str(params),
+                *common,
+                "--model",
+                str(paths["model"]),
+                "--metrics",
+                str(paths["test_metrics"]),
+                "--predictions",
+                str(paths["predictions"]),
+            ]
+        )
+        plot_main(
+            [
+                *common,
+                "--history",
+                str(paths["history"]),
+                "--predictions",
+                str(paths["predictions"]),
+                "--curves",
+                str(paths["curves"]),
+                "--confusion",
+                str(paths["confusion"]),
+            ]
+        )
     return paths, tracking_uri
 
 
@@ -48,7 +93,10 @@ def test_stages_write_their_files(pipeline_outputs):
     assert [row["epoch"] for row in rows] == ["0", "1"]
     assert set(rows[0]) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
     test_metrics = json.loads(paths["test_metrics"].read_text())
-    assert set(test_metrics) == {"accuracy", "loss", "per_class_accuracy"} and len(test_metrics["per_class_accuracy"]) == 10
+    assert (
+        set(test_metrics) == {"accuracy", "loss", "per_class_accuracy"}
+        and len(test_metrics["per_class_accuracy"]) == 10
+    )
     with open(paths["predictions"]) as stream:
         assert len(list(csv.DictReader(stream))) == 40
     for figure in ("curves", "confusion"):
@@ -76,11 +124,16 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     assert artifacts == {"figures/curves.png", "figures/confusion.png"}
 
     mlflow.set_tracking_uri(tracking_uri)
-    [logged] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", experiment_ids=[run.info.experiment_id], output_format="list")
+    [logged] = mlflow.search_logged_models(
+        filter_string=f"source_run_id = '{run_id}'", experiment_ids=[run.info.experiment_id], output_format="list"
+    )
     images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
     probabilities = mlflow.pyfunc.load_model(logged.model_uri).predict(images)
     assert np.asarray(probabilities).shape == (3, 10)
-    assert mlflow.keras.load_model(logged.model_uri).count_params() == keras.models.load_model(paths["model"]).count_params()
+    assert (
+        mlflow.keras.load_model(logged.model_uri).count_params()
+        == keras.models.load_model(paths["model"]).count_params()
+    )
     signature = mlflow.models.get_model_info(logged.model_uri).signature
     assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
 
@@ -88,13 +141,27 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
 def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tmp_path):
     params = write_params(tmp_path / "params.yaml", **SMALL)
     with pytest.raises(PipelineError, match="not found: run the train stage first"):
-        evaluate_main(["--params", str(params), "--data", str(prepared_dir), "--run-file", str(tmp_path / "missing.json"),
-                       "--model", str(tmp_path / "missing.keras"), "--metrics", str(tmp_path / "m.json"), "--predictions", str(tmp_path / "p.csv")])
+        evaluate_main(
+            [
+                "--params",
+                str(params),
+                "--data",
+                str(prepared_dir),
+                "--run-file",
+                str(tmp_path / "missing.json"),
+                "--model",
+                str(tmp_path / "missing.keras"),
+                "--metrics",
+                str(tmp_path / "m.json"),
+                "--predictions",
+                str(tmp_path / "p.csv"),
+            ]
+        )
 
 
 def test_a_registered_model_name_registers_a_new_version_per_run():
-    from alexnet8.model import build_alexnet8
     from alexnet8.mlflow_keras import log_model
+    from alexnet8.model import build_alexnet8
 
     model = build_alexnet8(dense_units=8)
     images = np.zeros((2, 32, 32, 3), dtype=np.float32)

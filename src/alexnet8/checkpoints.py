@@ -40,7 +40,9 @@ class DropoutStateBackup(keras.callbacks.Callback):
 
     def _states(self):
         # Keyed by layer name: variable paths get process-wide counters and change between builds.
-        return {layer.name: layer.seed_generator.state for layer in self.model.layers if hasattr(layer, "seed_generator")}
+        return {
+            layer.name: layer.seed_generator.state for layer in self.model.layers if hasattr(layer, "seed_generator")
+        }
 
     def on_train_begin(self, logs=None):
         if self.path.exists():

@@ -92,8 +92,9 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
     except FileNotFoundError as error:
         raise DataError(f"{error.filename} not found: run the preprocess stage first") from None
     if images.dtype != np.float32 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise DataError(f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}")
+        raise DataError(
+            f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}"
+        )
     if len(labels) != len(images):
         raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")
     return Split(images=images, labels=labels, images_path=prepared_dir / image_file(split))
-

@@ -36,7 +36,9 @@ def load_trained_model(path: str | Path) -> keras.Model:
     try:
         return keras.models.load_model(path, safe_mode=True)
     except (ValueError, OSError) as error:
-        raise DataError(f"{path}: cannot load the model (Keras safe mode refuses code in model files): {error}") from None
+        raise DataError(
+            f"{path}: cannot load the model (Keras safe mode refuses code in model files): {error}"
+        ) from None
 
 
 def evaluate_model(
@@ -81,12 +83,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     test_split = load_split(arguments.data, "test")
     model = load_trained_model(arguments.model)
     with reopen_pipeline_run(arguments.run_file):
-        metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size, params.evaluate.flip_tta)
+        metrics, predicted = evaluate_model(
+            model, test_split, class_names, params.evaluate.batch_size, params.evaluate.flip_tta
+        )
         write_json(arguments.metrics, metrics)
         write_predictions(arguments.predictions, np.asarray(test_split.labels), predicted, class_names)
         mlflow.log_metrics(
             {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-            | {f"test_accuracy_{name}": value for name, value in metrics["per_class_accuracy"].items() if value is not None}
+            | {
+                f"test_accuracy_{name}": value
+                for name, value in metrics["per_class_accuracy"].items()
+                if value is not None
+            }
         )
         mlflow.log_artifact(arguments.metrics)
     logger.info("test accuracy %.4f, test loss %.4f", metrics["accuracy"], metrics["loss"])

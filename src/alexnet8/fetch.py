@@ -59,9 +59,13 @@ def download(url: str, expected_md5: str, destination: str | Path) -> Path:
         received = 0
         try:
             source, total = _open(url)
-            with source, open(temporary, "wb") as sink, tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, disable=None
-            ) as progress:
+            with (
+                source,
+                open(temporary, "wb") as sink,
+                tqdm(
+                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, disable=None
+                ) as progress,
+            ):
                 for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
                     sink.write(chunk)
                     digest.update(chunk)

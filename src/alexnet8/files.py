@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-
 CHUNK_BYTES = 1 << 20
 
 
@@ -77,7 +76,6 @@ def write_json(path: str | Path, data: object) -> None:
     """Write `data` as indented JSON, atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -22,7 +22,9 @@ def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int, c
     if flip:
         images = tf.image.stateless_random_flip_left_right(images, seed=seed)
     if crop_padding:
-        padded = tf.pad(images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT")
+        padded = tf.pad(
+            images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT"
+        )
         offsets = tf.random.stateless_uniform(
             [tf.shape(images)[0], 2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32
         )
@@ -31,9 +33,16 @@ def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int, c
         images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
     if cutout_size:
         # The square's centre is anywhere in the image, so it may hang over an edge (DeVries & Taylor, 2017).
-        corners = tf.random.stateless_uniform(
-            [tf.shape(images)[0], 2], seed=tf.random.experimental.stateless_fold_in(seed, 1), minval=0, maxval=size, dtype=tf.int32
-        ) - cutout_size // 2
+        corners = (
+            tf.random.stateless_uniform(
+                [tf.shape(images)[0], 2],
+                seed=tf.random.experimental.stateless_fold_in(seed, 1),
+                minval=0,
+                maxval=size,
+                dtype=tf.int32,
+            )
+            - cutout_size // 2
+        )
         pixels = tf.range(size)[None, :]
         inside_rows = (pixels >= corners[:, :1]) & (pixels < corners[:, :1] + cutout_size)
         inside_columns = (pixels >= corners[:, 1:]) & (pixels < corners[:, 1:] + cutout_size)
@@ -98,7 +107,9 @@ def one_hot_length(params: TrainParams, num_classes: int) -> int:
     return num_classes if params.label_smoothing else 0
 
 
-def training_dataset(params: TrainParams, split: Split, seed: int, num_classes: int, first_epoch: int = 0) -> tf.data.Dataset:
+def training_dataset(
+    params: TrainParams, split: Split, seed: int, num_classes: int, first_epoch: int = 0
+) -> tf.data.Dataset:
     """The endless, shuffled and augmented training stream that `params` describe (see make_dataset)."""
     return make_dataset(
         split,

@@ -108,23 +108,32 @@ def offline_template(sources: Mapping[str, bytes], builds: Sequence[Build] = BUI
         try:
             content = sources[build.resource]
         except KeyError:
-            raise OfflinePlotsError(f"{build.resource} ({build.name} {build.version}) is missing from {PACKAGE}") from None
+            raise OfflinePlotsError(
+                f"{build.resource} ({build.name} {build.version}) is missing from {PACKAGE}"
+            ) from None
         digest = hashlib.sha256(content).hexdigest()
         if digest != build.sha256:
             raise OfflinePlotsError(
                 f"{build.resource} from {PACKAGE} has sha256 {digest}, expected {build.sha256} "
-                f"({build.name} {build.version}): install {PACKAGE}=={PACKAGE_VERSION} from requirements.lock (`make setup`)"
+                f"({build.name} {build.version}): "
+                f"install {PACKAGE}=={PACKAGE_VERSION} from requirements.lock (`make setup`)"
             )
         try:
             text = content.decode("utf-8")
         except UnicodeDecodeError as error:
             raise OfflinePlotsError(f"{build.resource} from {PACKAGE} is not UTF-8 text: {error}") from None
         if UNSAFE_IN_SCRIPT.search(text):
-            raise OfflinePlotsError(f"{build.resource} contains '</script' or '<!--': it can not be inlined in a <script> element")
+            raise OfflinePlotsError(
+                f"{build.resource} contains '</script' or '<!--': it can not be inlined in a <script> element"
+            )
         for placeholder in DVC_PLACEHOLDERS:
             if placeholder in text:
-                raise OfflinePlotsError(f"{build.resource} contains DVC's placeholder {placeholder}: DVC would replace it")
-        scripts.append(f'    <script type="text/javascript">\n/* {build.name} {build.version} */\n{text.rstrip()}\n    </script>')
+                raise OfflinePlotsError(
+                    f"{build.resource} contains DVC's placeholder {placeholder}: DVC would replace it"
+                )
+        scripts.append(
+            f'    <script type="text/javascript">\n/* {build.name} {build.version} */\n{text.rstrip()}\n    </script>'
+        )
     versions = ", ".join(f"{build.name} {build.version}" for build in builds)
     return PAGE.format(versions=versions, scripts="\n".join(scripts))
 
@@ -263,7 +272,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.warning(
             "plots.html_template is already set to %s: kept, so `dvc plots show` uses that template; "
             "for pages that need no network run `dvc config --local %s.%s %s`",
-            settings, CONFIG_SECTION, CONFIG_KEY, CONFIG_VALUE,
+            settings,
+            CONFIG_SECTION,
+            CONFIG_KEY,
+            CONFIG_VALUE,
         )
         return
     if configured:  # every level that sets it names ours
@@ -273,8 +285,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _replace_keeping_mode(local_config, new_config)
     except OSError as error:
         raise OfflinePlotsError(f"can not write {local_config}: {error}") from None
-    logger.info("set plots.html_template = %s in %s: `dvc plots show` and `dvc plots diff` pages now need no network",
-                CONFIG_VALUE, local_config)
+    logger.info(
+        "set plots.html_template = %s in %s: `dvc plots show` and `dvc plots diff` pages now need no network",
+        CONFIG_VALUE,
+        local_config,
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,15 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
     axes.set_title(f"Test confusion matrix (accuracy {accuracy:.3f})")
     threshold = matrix.max() / 2
     for (row, column), count in np.ndenumerate(matrix):
-        axes.text(column, row, str(count), ha="center", va="center", fontsize=8, color="white" if count > threshold else "black")
+        axes.text(
+            column,
+            row,
+            str(count),
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if count > threshold else "black",
+        )
     figure.tight_layout()
     return figure
 
@@ -98,7 +106,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     class_names = load_description(arguments.data)["class_names"]
     save_figure(curves_figure(read_history(arguments.history)), arguments.curves)
-    save_figure(confusion_figure(confusion_matrix(predictions(arguments.predictions), class_names), class_names), arguments.confusion)
+    save_figure(
+        confusion_figure(confusion_matrix(predictions(arguments.predictions), class_names), class_names),
+        arguments.confusion,
+    )
     with reopen_pipeline_run(arguments.run_file):
         mlflow.log_artifact(arguments.curves, artifact_path="figures")
         mlflow.log_artifact(arguments.confusion, artifact_path="figures")

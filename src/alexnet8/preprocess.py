@@ -53,9 +53,7 @@ class RawDataset:
 def parse_records(data: bytes, member: str) -> tuple[np.ndarray, np.ndarray]:
     """Split one batch file's bytes into images (N x 32 x 32 x 3, uint8) and labels (N, uint8)."""
     if len(data) == 0 or len(data) % RECORD_BYTES:
-        raise DataError(
-            f"{member}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte CIFAR-10 records"
-        )
+        raise DataError(f"{member}: {len(data)} bytes is not a whole number of {RECORD_BYTES}-byte CIFAR-10 records")
     records = np.frombuffer(data, dtype=np.uint8).reshape(-1, RECORD_BYTES)
     labels = records[:, 0].copy()
     if labels.max() >= len(CLASS_NAMES):

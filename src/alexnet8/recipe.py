@@ -108,12 +108,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     argument_parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="a param on top of the recipe (repeatable)"
     )
-    argument_parser.add_argument("--queue", action="store_true", help="queue the experiment (`dvc queue start` runs it)")
+    argument_parser.add_argument(
+        "--queue", action="store_true", help="queue the experiment (`dvc queue start` runs it)"
+    )
     argument_parser.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     argument_parser.add_argument("--recipes", default=str(RECIPES_FOLDER), help="recipes folder (default: recipes)")
     arguments = argument_parser.parse_args(argv)
     if not arguments.recipe:
-        raise ParamsError(f"name a recipe: make recipe NAME=... (available: {', '.join(recipe_names(arguments.recipes))})")
+        raise ParamsError(
+            f"name a recipe: make recipe NAME=... (available: {', '.join(recipe_names(arguments.recipes))})"
+        )
 
     overrides = load_recipe(arguments.recipe, arguments.recipes) | dict(map(parse_assignment, arguments.set))
     checked_overrides(overrides, arguments.params, source=f"{arguments.params} with recipe {arguments.recipe}")

@@ -27,9 +27,7 @@ def _csv_rows(path: str | Path, written_by: str) -> list[dict[str, str]]:
 
 def history_rows(path: str | Path) -> list[dict[str, float]]:
     """The training history as one {metric: value} per epoch, in order (no `epoch` column)."""
-    return [
-        {name: float(value) for name, value in row.items() if name != "epoch"} for row in _csv_rows(path, "train")
-    ]
+    return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in _csv_rows(path, "train")]
 
 
 def history_columns(path: str | Path) -> dict[str, list[float]]:
@@ -51,7 +49,9 @@ def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarra
     with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:
         writer = csv.writer(stream)
         writer.writerow(["actual", "predicted"])
-        writer.writerows((class_names[actual], class_names[guess]) for actual, guess in zip(labels, predicted, strict=True))
+        writer.writerows(
+            (class_names[actual], class_names[guess]) for actual, guess in zip(labels, predicted, strict=True)
+        )
 
 
 def predictions(path: str | Path) -> list[tuple[str, str]]:

@@ -66,10 +66,8 @@ def use_project_store() -> None:
 def _set_experiment(name: str) -> None:
     """Set the experiment; when the local store creates it, its artifacts go to <project root>/mlruns."""
     if mlflow.get_tracking_uri() == _project_store() and mlflow.get_experiment_by_name(name) is None:
-        try:
+        with contextlib.suppress(MlflowException):  # created meanwhile by a parallel experiment
             mlflow.create_experiment(name, artifact_location=(project_root() / LOCAL_ARTIFACTS).as_uri())
-        except MlflowException:
-            pass  # created meanwhile by a parallel experiment
     mlflow.set_experiment(name)
 
 
@@ -78,7 +76,9 @@ def provenance_tags() -> dict[str, str]:
     tags = {"command": " ".join(sys.orig_argv), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True).stdout
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return tags  # not a git checkout (or no git): nothing to record
     # Under `dvc exp run -S ...` the tree is dirty by design: params.yaml holds the experiment's values.
@@ -88,8 +88,12 @@ def provenance_tags() -> dict[str, str]:
 
 def installed_packages() -> str:
     """`name==version` of every installed distribution, sorted: the environment the run used."""
-    versions = {distribution.metadata["Name"]: distribution.version for distribution in importlib.metadata.distributions()}
-    return "".join(f"{name}=={version}\n" for name, version in sorted(versions.items(), key=lambda item: item[0].lower()))
+    versions = {
+        distribution.metadata["Name"]: distribution.version for distribution in importlib.metadata.distributions()
+    }
+    return "".join(
+        f"{name}=={version}\n" for name, version in sorted(versions.items(), key=lambda item: item[0].lower())
+    )
 
 
 def check_tracking_server() -> None:
@@ -154,9 +158,16 @@ def start_pipeline_run(
     try:
         with run:
             logger.info(
-                "MLflow run %s in experiment %s at %s", run.info.run_id, run.info.experiment_id, mlflow.get_tracking_uri()
+                "MLflow run %s in experiment %s at %s",
+                run.info.run_id,
+                run.info.experiment_id,
+                mlflow.get_tracking_uri(),
             )
-            record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": mlflow.get_tracking_uri()}
+            record = {
+                "run_id": run.info.run_id,
+                "experiment_id": run.info.experiment_id,
+                "tracking_uri": mlflow.get_tracking_uri(),
+            }
             if interrupted_run_file:
                 write_json(interrupted_run_file, record)
             yield run
