@@ -25,7 +25,8 @@ A run's JSON holds:
     date, machine     when and on what it ran
     archive_md5       md5 of the CIFAR-10 archive it was trained on
     seed              the `seed` param
-    based_on          another run (the table shows this run's params as differences from it), or null
+    based_on          another run (the table shows this run's params as differences from it, else from
+                      its recipe), or null
     recipe            the recipe it ran: recipes/<recipe>.yaml ("original": params.yaml as it is)
     set               optional: params set on top of the recipe, {"section.key": value}
                       (not `seed` or `fetch.*`); the run's params are params.yaml + recipe + set + seed
@@ -85,8 +86,13 @@ class ResultsError(Exception):
 @dataclass
 class Run:
     record: dict
-    params: dict[str, object]  # `seed`, the recipe's and `set`'s params: all that may differ from params.yaml
+    recipe: dict[str, object]  # the params of recipes/<recipe>.yaml, as `section.key` -> value
     history: list[dict[str, float]] | None  # one row per epoch, or None if the history was not kept
+
+    @property
+    def params(self) -> dict[str, object]:
+        """All that may differ from params.yaml: `seed`, the recipe's params and the `set` ones."""
+        return {"seed": self.record["seed"]} | self.recipe | self.record.get("set", {})
 
     @property
     def name(self) -> str:
@@ -127,8 +133,8 @@ def unknown_or_fraction(value: object) -> bool:
     return value is None or (isinstance(value, float) and 0 <= value <= 1)
 
 
-def read_params(path: Path, record: dict, recipes: Path) -> dict[str, object]:
-    """The run's `seed`, its recipe's params and its `set` ones, as `section.key` -> value."""
+def read_recipe(path: Path, record: dict, recipes: Path) -> dict[str, object]:
+    """The params of the recipe the run names (after checking its `set`), as `section.key` -> value."""
     try:
         recipe = load_recipe(record["recipe"], recipes)
     except ParamsError as error:
@@ -136,7 +142,7 @@ def read_params(path: Path, record: dict, recipes: Path) -> dict[str, object]:
     extra = record.get("set", {})
     if not isinstance(extra, dict) or not all(re.fullmatch(r"(?!fetch\.)\w+\.\w+", key) for key in extra):
         raise ResultsError(f"{path}: 'set' must map section.key to a value (not fetch.*; seed has its own field)")
-    return {"seed": record["seed"]} | recipe | extra
+    return recipe
 
 
 def read_run(path: Path, recipes: Path) -> Run:
@@ -165,7 +171,7 @@ def read_run(path: Path, recipes: Path) -> Run:
         values = record.get("validation_accuracy")
         if not (isinstance(values, list) and values and all(map(unknown_or_fraction, values))):
             raise ResultsError(f"{path}: no 'history', so 'validation_accuracy' must list each epoch's value (or null)")
-    run = Run(record, read_params(path, record, recipes), history)
+    run = Run(record, read_recipe(path, record, recipes), history)
     seconds = record["epoch_seconds"]
     if seconds is not None and len(seconds) != run.epochs_run:
         raise ResultsError(f"{path}: {len(seconds)} epoch_seconds for {run.epochs_run} epochs")
@@ -203,17 +209,29 @@ def yaml_value(value: object) -> str:
 
 
 def overrides(run: Run, runs: dict[str, Run], defaults: dict[str, object]) -> str:
-    """The run's params as `-S key=value` against params.yaml, or against the run it is based on."""
-    base = run.record["based_on"]
-    theirs = runs[base].params if base else {}
+    """The run's params as `-S key=value` against the run it is based on, or else against its recipe."""
+    base, recipe = run.record["based_on"], run.record["recipe"]
+    theirs = runs[base].params if base else run.recipe
     changed = [
         f"-S {key}={yaml_value(run.params.get(key, defaults.get(key)))}"
         for key in dict.fromkeys([*theirs, *run.params])
         if run.params.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key))
     ]
-    if not changed:
-        return f"same params as {base}" if base else "params.yaml as it is"
-    return f"{f'{base} with ' if base else ''}`{' '.join(changed)}`"
+    origin = base or ("params.yaml" if recipe == "original" else f"`recipes/{recipe}.yaml`")
+    if changed:
+        return f"{origin} with `{' '.join(changed)}`"
+    if base:
+        return f"same params as {base}"
+    return "params.yaml as it is" if recipe == "original" else f"as in {origin}"
+
+
+def command(run: Run, defaults: dict[str, object]) -> str:
+    """What runs the run's params: `make pipeline` (params.yaml as it is), else `make recipe` (SET: seed, `set`)."""
+    seed = {"seed": run.record["seed"]} if run.record["seed"] != defaults["seed"] else {}
+    settings = " ".join(f"{key}={yaml_value(value)}" for key, value in (seed | run.record.get("set", {})).items())
+    if run.record["recipe"] == "original" and not settings:
+        return "`make pipeline`"
+    return f"`make recipe NAME={run.record['recipe']}" + (f' SET="{settings}"`' if settings else "`")
 
 
 def seconds(run: Run) -> str:
@@ -272,11 +290,12 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
                 "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
                 seconds(run),
                 machine(run),
+                command(run, defaults),
                 overrides(run, runs, defaults),
             ]
         )
-    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine", "params"]
-    return table(header, rows)
+    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine"]
+    return table([*header, "command", "params"], rows)
 
 
 def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
@@ -306,12 +325,8 @@ def original_runs_table(runs: dict[str, Run], defaults: dict) -> str:
 
 def readme_table(runs: dict[str, Run], defaults: dict) -> str:
     """The original recipe against the recommended one, both timed alone on the same machine."""
-    chosen = [
-        ("original (params.yaml)", "original-defaults", "`make pipeline`"),
-        ("**recipe-sgd**", "recipe-sgd-rerun", "`make recipe NAME=recipe-sgd`"),
-    ]
     rows = []
-    for label, name, command in chosen:
+    for label, name in [("original (params.yaml)", "original-defaults"), ("**recipe-sgd**", "recipe-sgd-rerun")]:
         run = need(runs, name)
         if run.record["epoch_seconds"] is None:
             raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds")
@@ -321,7 +336,7 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
                 fixed(run.validation_accuracy[-1]),
                 fixed(run.record["test_accuracy"]),
                 f"{sum(run.record['epoch_seconds'])} s",
-                command,
+                command(run, defaults),
             ]
         )
     return table(["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "command"], rows)
