@@ -9,6 +9,7 @@ Reads:
     docs/results/<run>.json          one file per full-data run (fields below)
     docs/results/<run>_history.csv   the run's per-epoch history, when the JSON names one
                                      (the train stage's reports/train_history.csv)
+    recipes/<recipe>.yaml            the recipe the JSON names: its params that differ from params.yaml
     params.yaml                      the defaults, to show how one run's params differ from another's
 Writes:
     README.md and docs/*.md, only between the marker comments of a table:
@@ -24,9 +25,11 @@ A run's JSON holds:
     date, machine     when and on what it ran
     archive_md5       md5 of the CIFAR-10 archive it was trained on
     seed              the `seed` param
-    based_on          another run (the table shows this run's params as differences from it), or null
-    params            every param other than `seed` and `fetch.*` that differs from params.yaml,
-                      nested by section as in params.yaml
+    based_on          another run (the table shows this run's params as differences from it, else from
+                      its recipe), or null
+    recipe            the recipe it ran: recipes/<recipe>.yaml ("original": params.yaml as it is)
+    set               optional: params set on top of the recipe, {"section.key": value}
+                      (not `seed` or `fetch.*`); the run's params are params.yaml + recipe + set + seed
     epochs            `train.epochs`
     history           the history CSV's file name in docs/results/, or null if it was not kept
     validation_accuracy
@@ -55,19 +58,23 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
-import yaml
+from alexnet8.errors import ParamsError
+from alexnet8.params import load_params
+from alexnet8.recipe import load_recipe
 
 logger = logging.getLogger("tables")
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results"
 MARKER = re.compile(r"^(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)^(<!-- /table -->)", re.DOTALL | re.MULTILINE)
 CODE = re.compile(r"^(```.*?^```)", re.DOTALL | re.MULTILINE)  # fenced code: markers there are examples
+NULL = type(None)
 REQUIRED = {
-    "run": str, "date": str, "machine": str, "archive_md5": str, "seed": int, "based_on": (str, type(None)),
-    "params": dict, "epochs": int, "history": (str, type(None)), "epoch_seconds": (list, type(None)),
-    "timing": (str, type(None)), "pipeline_seconds": (int, float, type(None)),
-    "test_accuracy": (float, type(None)), "test_loss": (float, type(None)),
+    **dict.fromkeys(["run", "date", "machine", "archive_md5", "recipe"], str),
+    **dict.fromkeys(["based_on", "history", "timing"], (str, NULL)),
+    **dict.fromkeys(["seed", "epochs"], int),
+    **dict.fromkeys(["test_accuracy", "test_loss"], (float, NULL)),
+    "epoch_seconds": (list, NULL),
+    "pipeline_seconds": (int, float, NULL),
 }
 HISTORY_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
 
@@ -79,7 +86,13 @@ class ResultsError(Exception):
 @dataclass
 class Run:
     record: dict
+    recipe: dict[str, object]  # the params of recipes/<recipe>.yaml, as `section.key` -> value
     history: list[dict[str, float]] | None  # one row per epoch, or None if the history was not kept
+
+    @property
+    def params(self) -> dict[str, object]:
+        """All that may differ from params.yaml: `seed`, the recipe's params and the `set` ones."""
+        return {"seed": self.record["seed"]} | self.recipe | self.record.get("set", {})
 
     @property
     def name(self) -> str:
@@ -116,7 +129,23 @@ def read_history(path: Path) -> list[dict[str, float]]:
         raise ResultsError(f"{path}: not a number: {error}") from None
 
 
-def read_run(path: Path) -> Run:
+def unknown_or_fraction(value: object) -> bool:
+    return value is None or (isinstance(value, float) and 0 <= value <= 1)
+
+
+def read_recipe(path: Path, record: dict, recipes: Path) -> dict[str, object]:
+    """The params of the recipe the run names (after checking its `set`), as `section.key` -> value."""
+    try:
+        recipe = load_recipe(record["recipe"], recipes)
+    except ParamsError as error:
+        raise ResultsError(f"{path}: recipe {record['recipe']!r}: {error}") from None
+    extra = record.get("set", {})
+    if not isinstance(extra, dict) or not all(re.fullmatch(r"(?!fetch\.)\w+\.\w+", key) for key in extra):
+        raise ResultsError(f"{path}: 'set' must map section.key to a value (not fetch.*; seed has its own field)")
+    return recipe
+
+
+def read_run(path: Path, recipes: Path) -> Run:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -133,10 +162,6 @@ def read_run(path: Path) -> Run:
             raise ResultsError(f"{path}: field {field!r} has the wrong type ({type(value).__name__})")
     if record["run"] != path.stem:
         raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
-    if not all(isinstance(keys, dict) for keys in record["params"].values()):
-        raise ResultsError(f"{path}: 'params' must be nested by section, as in params.yaml")
-    if "seed" in record["params"] or "fetch" in record["params"]:
-        raise ResultsError(f"{path}: 'params' must not hold seed or fetch (seed has its own field)")
     history = None
     if record["history"] is not None:
         if "validation_accuracy" in record:
@@ -144,36 +169,25 @@ def read_run(path: Path) -> Run:
         history = read_history(path.parent / record["history"])
     else:
         values = record.get("validation_accuracy")
-        if not isinstance(values, list) or not values or not all(
-            value is None or (isinstance(value, float) and 0 <= value <= 1) for value in values
-        ):
-            raise ResultsError(f"{path}: without a 'history' file, 'validation_accuracy' must list each epoch's value (or null)")
-    run = Run(record, history)
+        if not (isinstance(values, list) and values and all(map(unknown_or_fraction, values))):
+            raise ResultsError(f"{path}: no 'history', so 'validation_accuracy' must list each epoch's value (or null)")
+    run = Run(record, read_recipe(path, record, recipes), history)
     seconds = record["epoch_seconds"]
     if seconds is not None and len(seconds) != run.epochs_run:
         raise ResultsError(f"{path}: {len(seconds)} epoch_seconds for {run.epochs_run} epochs")
     return run
 
 
-def read_runs(results: Path = RESULTS) -> dict[str, Run]:
+def read_runs(results: Path, recipes: Path) -> dict[str, Run]:
     paths = sorted(results.glob("*.json"))
     if not paths:
         raise ResultsError(f"{results}: no result files (*.json)")
-    runs = {path.stem: read_run(path) for path in paths}
+    runs = {path.stem: read_run(path, recipes) for path in paths}
     for run in runs.values():
         base = run.record["based_on"]
         if base is not None and base not in runs:
             raise ResultsError(f"{results / run.name}.json: based_on {base!r}, but there is no {base}.json")
     return runs
-
-
-def read_defaults(path: Path = ROOT / "params.yaml") -> dict:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ResultsError(f"{path}: not found") from None
-    except yaml.YAMLError as error:
-        raise ResultsError(f"{path}: not valid YAML: {error}") from None
 
 
 # Formatting ---------------------------------------------------------------------------------------
@@ -194,25 +208,30 @@ def yaml_value(value: object) -> str:
     return str(value)
 
 
-def flat(params: dict) -> dict[str, object]:
-    return {f"{section}.{key}": value for section, keys in params.items() for key, value in keys.items()}
+def overrides(run: Run, runs: dict[str, Run], defaults: dict[str, object]) -> str:
+    """The run's params as `-S key=value` against the run it is based on, or else against its recipe."""
+    base, recipe = run.record["based_on"], run.record["recipe"]
+    theirs = runs[base].params if base else run.recipe
+    changed = [
+        f"-S {key}={yaml_value(run.params.get(key, defaults.get(key)))}"
+        for key in dict.fromkeys([*theirs, *run.params])
+        if run.params.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key))
+    ]
+    origin = base or ("params.yaml" if recipe == "original" else f"`recipes/{recipe}.yaml`")
+    if changed:
+        return f"{origin} with `{' '.join(changed)}`"
+    if base:
+        return f"same params as {base}"
+    return "params.yaml as it is" if recipe == "original" else f"as in {origin}"
 
 
-def overrides(run: Run, runs: dict[str, Run], defaults: dict) -> str:
-    """The run's params as `-S key=value` against params.yaml, or against the run it is based on."""
-    mine = flat(run.record["params"]) | {"seed": run.record["seed"]}
-    base_name = run.record["based_on"]
-    theirs = ({"seed": runs[base_name].record["seed"]} | flat(runs[base_name].record["params"])) if base_name else {}
-    default = flat({section: keys for section, keys in defaults.items() if isinstance(keys, dict)}) | {"seed": defaults["seed"]}
-    changed = []
-    for key in [*theirs, *(key for key in mine if key not in theirs)]:
-        ours = mine.get(key, default.get(key))
-        if ours != (theirs.get(key, default.get(key))):
-            changed.append(f"-S {key}={yaml_value(ours)}")
-    prefix = f"{base_name} with " if base_name else ""
-    if not changed:
-        return f"same params as {base_name}" if base_name else "params.yaml as it is"
-    return f"{prefix}`{' '.join(changed)}`"
+def command(run: Run, defaults: dict[str, object]) -> str:
+    """What runs the run's params: `make pipeline` (params.yaml as it is), else `make recipe` (SET: seed, `set`)."""
+    seed = {"seed": run.record["seed"]} if run.record["seed"] != defaults["seed"] else {}
+    settings = " ".join(f"{key}={yaml_value(value)}" for key, value in (seed | run.record.get("set", {})).items())
+    if run.record["recipe"] == "original" and not settings:
+        return "`make pipeline`"
+    return f"`make recipe NAME={run.record['recipe']}" + (f' SET="{settings}"`' if settings else "`")
 
 
 def seconds(run: Run) -> str:
@@ -236,6 +255,15 @@ def need(runs: dict[str, Run], name: str) -> Run:
     return runs[name]
 
 
+def originals(runs: dict[str, Run]) -> list[Run]:
+    """The runs of the original recipe (params.yaml as it is), newest first."""
+    return sorted(
+        (run for run in runs.values() if run.record["recipe"] == "original"),
+        key=lambda run: run.record["date"],
+        reverse=True,
+    )
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -247,22 +275,27 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
     """Every run: the original recipe's (newest first), then finished runs by test accuracy, then stopped ones."""
-
-    originals = sorted((run for run in runs.values() if run.name.startswith("original")), key=lambda run: run.record["date"], reverse=True)
     others = sorted(
-        (run for run in runs.values() if not run.name.startswith("original")),
+        (run for run in runs.values() if run.record["recipe"] != "original"),
         key=lambda run: (run.record["test_accuracy"] is None, -(run.record["test_accuracy"] or 0), run.name),
     )
     rows = []
-    for run in originals + others:
-        epochs = f"{run.epochs_run}" if run.epochs_run == run.record["epochs"] else f"{run.epochs_run} of {run.record['epochs']} (stopped)"
-        rows.append([
-            f"`{run.name}`", epochs, fixed(run.validation_accuracy[-1]),
-            "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
-            seconds(run), machine(run), overrides(run, runs, defaults),
-        ])
-    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine", "params"]
-    return table(header, rows)
+    for run in originals(runs) + others:
+        stopped = "" if run.epochs_run == run.record["epochs"] else f" of {run.record['epochs']} (stopped)"
+        rows.append(
+            [
+                f"`{run.name}`",
+                f"{run.epochs_run}{stopped}",
+                fixed(run.validation_accuracy[-1]),
+                "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
+                seconds(run),
+                machine(run),
+                command(run, defaults),
+                overrides(run, runs, defaults),
+            ]
+        )
+    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine"]
+    return table([*header, "command", "params"], rows)
 
 
 def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
@@ -271,33 +304,41 @@ def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
         raise ResultsError("original-defaults.json names no history")
     seconds = run.record["epoch_seconds"] or [None] * run.epochs_run
     rows = [
-        [str(int(row["epoch"]) + 1), fixed(row["accuracy"]), fixed(row["loss"]), fixed(row["val_accuracy"]), fixed(row["val_loss"]), str(second)]
-        for row, second in zip(run.history, seconds)
+        [str(int(row["epoch"]) + 1), *(fixed(row[column]) for column in HISTORY_COLUMNS[1:]), str(second)]
+        for row, second in zip(run.history, seconds, strict=True)
     ]
     return table(["epoch", "train accuracy", "train loss", "validation accuracy", "validation loss", "seconds"], rows)
 
 
 def original_runs_table(runs: dict[str, Run], defaults: dict) -> str:
     rows = [
-        [machine(run), ", ".join(fixed(value) for value in run.validation_accuracy), fixed(run.record["test_accuracy"]),
-         fixed(run.record["test_loss"])]
-        for run in sorted(runs.values(), key=lambda run: run.record["date"], reverse=True)
-        if run.name.startswith("original-defaults")
+        [
+            machine(run),
+            ", ".join(fixed(value) for value in run.validation_accuracy),
+            fixed(run.record["test_accuracy"]),
+            fixed(run.record["test_loss"]),
+        ]
+        for run in originals(runs)
     ]
     return table(["date, machine", "validation accuracy after each epoch", "test accuracy", "test loss"], rows)
 
 
 def readme_table(runs: dict[str, Run], defaults: dict) -> str:
     """The original recipe against the recommended one, both timed alone on the same machine."""
-    chosen = [("original (params.yaml)", "original-defaults", "`make pipeline`"),
-              ("**recipe-sgd**", "recipe-sgd-rerun", "`make recipe NAME=recipe-sgd`")]
     rows = []
-    for label, name, command in chosen:
+    for label, name in [("original (params.yaml)", "original-defaults"), ("**recipe-sgd**", "recipe-sgd-rerun")]:
         run = need(runs, name)
         if run.record["epoch_seconds"] is None:
             raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds")
-        rows.append([label, fixed(run.validation_accuracy[-1]), fixed(run.record["test_accuracy"]),
-                     f"{sum(run.record['epoch_seconds'])} s", command])
+        rows.append(
+            [
+                label,
+                fixed(run.validation_accuracy[-1]),
+                fixed(run.record["test_accuracy"]),
+                f"{sum(run.record['epoch_seconds'])} s",
+                command(run, defaults),
+            ]
+        )
     return table(["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "command"], rows)
 
 
@@ -341,8 +382,8 @@ def main(argv: Sequence[str] | None = None, root: Path = ROOT) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is out of date")
     arguments = parser.parse_args(argv)
     try:
-        runs = read_runs(root / "docs" / "results")
-        defaults = read_defaults(root / "params.yaml")
+        runs = read_runs(root / "docs" / "results", root / "recipes")
+        defaults = load_params(root / "params.yaml").flat()  # `seed` and `section.key` -> value
         stale = []
         for page in pages(root):
             text = page.read_text(encoding="utf-8")
@@ -355,7 +396,7 @@ def main(argv: Sequence[str] | None = None, root: Path = ROOT) -> int:
             else:
                 page.write_text(rendered, encoding="utf-8")
                 logger.info("%s: tables rewritten", page.relative_to(root))
-    except ResultsError as error:
+    except (ResultsError, ParamsError) as error:
         logger.error("%s", error)
         return 2
     if not stale:

@@ -10,10 +10,10 @@ import shutil
 import subprocess
 
 import pytest
-
-from helpers import PROJECT_ROOT, load_script, write_params
+from helpers import PROJECT_ROOT, load_script
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
+RECIPES = PROJECT_ROOT / "recipes"
 FIGURES = PROJECT_ROOT / "docs" / "figures"
 PAGES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 
@@ -46,8 +46,10 @@ def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
 # The commands docs/results.md gives for its figures.
 COMMITTED_FIGURES = {
     "recipes-2026-11-29.png": [
-        f"original={history('original-defaults')}", f"recipe-lean={history('recipe-lean')}",
-        f"recipe-sgd={history('recipe-sgd')}", f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
+        f"original={history('original-defaults')}",
+        f"recipe-lean={history('recipe-lean')}",
+        f"recipe-sgd={history('recipe-sgd')}",
+        f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
     ],
     "original-defaults-curves.png": ["--stage", f"original={history('original-defaults')}"],
 }
@@ -104,6 +106,7 @@ def test_the_tables_in_the_docs_are_those_the_result_files_give():
 def docs_copy(tmp_path):
     """A copy of what docs/tables.py reads, with one page holding every table."""
     shutil.copytree(RESULTS, tmp_path / "docs" / "results")
+    shutil.copytree(RECIPES, tmp_path / "recipes")
     shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     tables = load_tables().TABLES
     (tmp_path / "README.md").write_text("".join(f"<!-- table:{name} -->\n<!-- /table -->\n\n" for name in tables))
@@ -144,17 +147,42 @@ def _edit_json(path, drop=(), **changes):
     ("damage", "message"),
     [
         (lambda results: (results / "recipe-sgd.json").write_text("{not json"), "recipe-sgd.json: not valid JSON"),
-        (lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]), "recipe-sgd.json: missing field 'test_accuracy'"),
-        (lambda results: _edit_json(results / "recipe-sgd.json", seed="42"), "recipe-sgd.json: field 'seed' has the wrong type (str)"),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]),
+            "recipe-sgd.json: missing field 'test_accuracy'",
+        ),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", seed="42"),
+            "recipe-sgd.json: field 'seed' has the wrong type (str)",
+        ),
         (lambda results: _edit_json(results / "recipe-sgd.json", run="recipe-x"), "field 'run' is 'recipe-x'"),
-        (lambda results: _edit_json(results / "recipe-sgd.json", params={"train.dropout": 0.0}), "'params' must be nested by section"),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", drop=["recipe"]),
+            "recipe-sgd.json: missing field 'recipe'",
+        ),
+        (lambda results: _edit_json(results / "recipe-sgd.json", set={"dropout": 0.0}), "'set' must map section.key"),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", set={"fetch.md5": "0" * 32}),
+            "'set' must map section.key",
+        ),
         (lambda results: _edit_json(results / "recipe-sgd.json", epoch_seconds=[1, 2]), "2 epoch_seconds for 5 epochs"),
         (lambda results: (results / "recipe-lean_history.csv").unlink(), "recipe-lean_history.csv: not found"),
-        (lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"), "missing column(s) loss, val_accuracy, val_loss"),
+        (
+            lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"),
+            "missing column(s) loss, val_accuracy, val_loss",
+        ),
         (lambda results: (results / "original-defaults.json").unlink(), "original-defaults.json: not found"),
         (lambda results: _edit_json(results / "recipe-flip.json", based_on="recipe-none"), "based_on 'recipe-none'"),
-        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:nothing -->\n<!-- /table -->\n"), "unknown table 'nothing'"),
-        (lambda results: (results.parent.parent / "README.md").write_text("<!-- table:readme -->\n"), "needs its own <!-- /table -->"),
+        (
+            lambda results: (results.parent.parent / "README.md").write_text(
+                "<!-- table:nothing -->\n<!-- /table -->\n"
+            ),
+            "unknown table 'nothing'",
+        ),
+        (
+            lambda results: (results.parent.parent / "README.md").write_text("<!-- table:readme -->\n"),
+            "needs its own <!-- /table -->",
+        ),
     ],
 )
 def test_a_missing_or_malformed_file_is_named_and_nothing_is_written(docs_copy, caplog, damage, message):
@@ -165,30 +193,49 @@ def test_a_missing_or_malformed_file_is_named_and_nothing_is_written(docs_copy, 
     assert (docs_copy / "README.md").read_text() == readme
 
 
+@pytest.mark.parametrize(
+    ("damage", "run", "recipe"),
+    [
+        (
+            lambda root: _edit_json(root / "docs/results/recipe-flip.json", recipe="recipe-flipped"),
+            "recipe-flip",
+            "recipe-flipped",
+        ),
+        (lambda root: (root / "recipes/recipe-lean.yaml").unlink(), "recipe-lean", "recipe-lean"),
+    ],
+    ids=["the-result-names-no-such-recipe", "the-recipe-file-is-gone"],
+)
+def test_a_result_naming_a_missing_recipe_is_named_and_nothing_is_written(docs_copy, caplog, damage, run, recipe):
+    damage(docs_copy)
+    readme = (docs_copy / "README.md").read_text()
+    assert load_tables().main([], root=docs_copy) == 2
+    assert f"{run}.json: recipe {recipe!r}: {docs_copy}/recipes/{recipe}.yaml: no such recipe" in caplog.text
+    assert (docs_copy / "README.md").read_text() == readme
+
+
+def test_a_run_may_set_params_on_top_of_its_recipe(docs_copy):
+    """recipe-sgd-lr01 written as recipe-sgd with `set`: the same params, run with SET."""
+    tables = load_tables()
+    _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", recipe="recipe-sgd", set={"train.learning_rate": 0.1})
+    assert tables.main([], root=docs_copy) == 0
+    rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
+    assert rows["| `recipe-sgd-lr01`"].endswith(
+        '| `make recipe NAME=recipe-sgd SET="train.learning_rate=0.1"` | recipe-sgd with `-S train.learning_rate=0.1` |'
+    )
+    assert rows["| `recipe-sgd-seed7`"].endswith(
+        '| `make recipe NAME=recipe-sgd SET="seed=7"` | recipe-sgd with `-S seed=7` |'
+    )
+
+
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.stem)
-def test_each_result_file_holds_valid_params(tmp_path, path):
-    from alexnet8.params import load_params
+def test_each_result_file_holds_valid_params(path):
+    """The run's params are params.yaml + its recipe + its `set` + its seed: what `make recipe` runs, and valid."""
+    from alexnet8.recipe import checked_overrides, load_recipe
 
     record = json.loads(path.read_text())
-    overrides = {f"{section}.{key}": value for section, keys in record["params"].items() for key, value in keys.items()}
-    params = load_params(write_params(tmp_path / "params.yaml", seed=record["seed"], **overrides))
-    for dotted, value in overrides.items():
-        section, key = dotted.split(".")
-        assert getattr(getattr(params, section), key) == value, dotted
-
-
-def test_each_recipe_file_has_the_params_of_its_results():
-    """recipes/<name>.yaml (what `make recipe NAME=<name>` runs) and docs/results/<name>.json agree."""
-    import yaml
-
-    recipes = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
-    pairs = [(recipe, RESULTS / f"{recipe.stem}.json") for recipe in recipes if (RESULTS / f"{recipe.stem}.json").exists()]
-    if not pairs:
-        pytest.skip("no recipes/<name>.yaml with results in docs/results/")
-    for recipe, result in pairs:
-        record = json.loads(result.read_text())
-        expected = record["params"] | ({"seed": record["seed"]} if record["seed"] != 42 else {})
-        assert yaml.safe_load(recipe.read_text()) == expected, recipe.name
+    assert (RECIPES / f"{record['recipe']}.yaml").is_file(), f"{path.name}: no recipes/{record['recipe']}.yaml"
+    overrides = load_recipe(record["recipe"], RECIPES) | record.get("set", {}) | {"seed": record["seed"]}
+    checked_overrides(overrides, PROJECT_ROOT / "params.yaml", source=f"{path.name}: recipe {record['recipe']}")
 
 
 # Pages --------------------------------------------------------------------------------------------
@@ -200,7 +247,14 @@ def test_the_readme_reads_in_five_minutes():
 
 def test_there_are_docs_pages():
     assert {page.name for page in PAGES} >= {
-        "README.md", "results.md", "performance.md", "experiments.md", "operations.md", "scaling.md", "development.md"}
+        "README.md",
+        "results.md",
+        "performance.md",
+        "experiments.md",
+        "operations.md",
+        "scaling.md",
+        "development.md",
+    }
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -248,4 +302,3 @@ def test_no_development_machine_paths_in_tracked_files():
             if leak.search(line):
                 found.append(f"{name}:{number}: {line.strip()}")
     assert not found, "paths of the development machines (write /path/to/... instead):\n" + "\n".join(found)
-
