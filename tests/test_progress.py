@@ -1,4 +1,5 @@
-"""Progress within an epoch and a loop: ~10 log lines without a terminal, a tqdm bar on one, epochs numbered after a resume."""
+"""Progress within an epoch and a loop: ~10 log lines without a terminal, a tqdm bar on one,
+epochs numbered after a resume."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import logging
 import os
 import re
+import select
 
 import keras
 import numpy as np
@@ -42,8 +44,14 @@ def fit_tiny(callbacks, epochs=1):
     random = np.random.default_rng(0)
     images, labels = random.normal(size=(STEPS * BATCH, 8)).astype("float32"), random.integers(0, 3, STEPS * BATCH)
     tiny_model().fit(
-        images, labels, batch_size=BATCH, epochs=epochs, steps_per_epoch=STEPS,
-        validation_data=(images[:8], labels[:8]), callbacks=callbacks, verbose=0,
+        images,
+        labels,
+        batch_size=BATCH,
+        epochs=epochs,
+        steps_per_epoch=STEPS,
+        validation_data=(images[:8], labels[:8]),
+        callbacks=callbacks,
+        verbose=0,
     )
 
 
@@ -79,7 +87,8 @@ def test_on_a_terminal_each_epoch_is_a_tqdm_bar_and_only_the_metrics_are_logged(
     assert "epoch 1/2" in drawn and "epoch 2/2" in drawn
     # Each bar ends showing the whole epoch's training, not the "validating" note it showed meanwhile.
     final_bars = re.findall(
-        r"epoch \d/2: 100%\|[^|]*\| 20/20 steps \[[\d:]+<[\d:]+, [\d.]+ images/s, loss [\d.]+, accuracy [\d.]+\] *\n", drawn
+        r"epoch \d/2: 100%\|[^|]*\| 20/20 steps \[[\d:]+<[\d:]+, [\d.]+ images/s, loss [\d.]+, accuracy [\d.]+\] *\n",
+        drawn,
     )
     assert len(final_bars) == 2, drawn
     assert "validating" in drawn
@@ -104,19 +113,24 @@ def test_a_run_resumed_by_backup_and_restore_numbers_its_epochs_from_the_resumed
     backup = str(tmp_path / "backup")
     fit_tiny([keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False)], epochs=2)  # then the process dies
 
-    resumed = [keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False), EpochProgress(STEPS, BATCH, stream=io.StringIO())]
+    resumed = [
+        keras.callbacks.BackupAndRestore(backup, delete_checkpoint=False),
+        EpochProgress(STEPS, BATCH, stream=io.StringIO()),
+    ]
     fit_tiny(resumed, epochs=4)
     epochs = {match["epoch"] for match in map(PROGRESS_LINE.match, progress_messages(caplog)) if match}
     assert epochs == {"epoch 3/4", "epoch 4/4"}
-    assert [EPOCH_LINE.match(message)["epoch"] for message in progress_messages(caplog) if EPOCH_LINE.match(message)] == [
-        "epoch 3/4", "epoch 4/4"
-    ]
+    assert [
+        EPOCH_LINE.match(message)["epoch"] for message in progress_messages(caplog) if EPOCH_LINE.match(message)
+    ] == ["epoch 3/4", "epoch 4/4"]
 
 
 def test_rate_elapsed_and_eta_are_the_average_since_the_start(caplog):
     caplog.set_level(logging.INFO, logger="alexnet8.progress")
     ticks = iter(range(100))
-    reporter = TenthsLogger(20, "epoch 1/5", "steps", rate_unit="images", rate_scale=32, clock=lambda: float(next(ticks)))
+    reporter = TenthsLogger(
+        20, "epoch 1/5", "steps", rate_unit="images", rate_scale=32, clock=lambda: float(next(ticks))
+    )
     reporter.update_to(1)  # below 10%: the clock is not even read
     reporter.update_to(2)  # read at tick 1: 2 steps of 32 images in 1 s
     assert progress_messages(caplog) == ["epoch 1/5: 2/20 steps (10%), 64.0 images/s, elapsed 0:00:01, ETA 0:00:09"]
@@ -142,7 +156,9 @@ def test_a_plain_loop_on_a_terminal_gets_a_tqdm_bar(caplog):
         assert isinstance(progress, tqdm)
         for _ in range(6):
             progress.update()
-    assert re.search(r"reading batch files: 100%\|[^|]*\| 6/6 files \[[\d:]+<[\d:]+, [\d.]+ files/s\]", terminal.getvalue())
+    assert re.search(
+        r"reading batch files: 100%\|[^|]*\| 6/6 files \[[\d:]+<[\d:]+, [\d.]+ files/s\]", terminal.getvalue()
+    )
     assert progress_messages(caplog) == []
 
 
@@ -154,5 +170,8 @@ def test_a_terminal_that_reports_no_size_still_gets_a_visible_bar():
         with progress_bar(6, "reading batch files", "files", stream=terminal) as progress:
             progress.update(6)
         terminal.flush()
-        drawn = screen.read(65536).decode()
+        drawn = b""
+        while select.select([screen], [], [], 0.5)[0]:  # all the bar wrote, however it was chunked
+            drawn += screen.read(65536)
+        drawn = drawn.decode()
     assert re.search(r"reading batch files: 100%\|█+\| 6/6 files", drawn), drawn

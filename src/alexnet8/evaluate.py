@@ -22,6 +22,7 @@ from alexnet8.dataset import ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
 from alexnet8.params import load_params
+from alexnet8.progress import progress_bar
 from alexnet8.reports import write_predictions
 from alexnet8.tracking import reopen_pipeline_run
 
@@ -52,12 +53,14 @@ def evaluate_model(
     labels = np.asarray(split.labels).astype(np.int64)
     reader = ImageReader(split)
     batches = []
-    for start in range(0, len(labels), batch_size):
-        images = reader(np.arange(start, min(start + batch_size, len(labels))))
-        batch_probabilities = model.predict_on_batch(images)
-        if flip_tta:
-            batch_probabilities = (batch_probabilities + model.predict_on_batch(images[:, :, ::-1])) / 2
-        batches.append(batch_probabilities)
+    with progress_bar(len(labels), "predicting the test split", "images") as progress:
+        for start in range(0, len(labels), batch_size):
+            images = reader(np.arange(start, min(start + batch_size, len(labels))))
+            batch_probabilities = model.predict_on_batch(images)
+            if flip_tta:
+                batch_probabilities = (batch_probabilities + model.predict_on_batch(images[:, :, ::-1])) / 2
+            batches.append(batch_probabilities)
+            progress.update(len(images))
     probabilities = np.concatenate(batches)
     predicted = probabilities.argmax(axis=1)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))

@@ -87,7 +87,9 @@ def in_reading_order(metrics: dict[str, object]) -> dict[str, object]:
     Keras hands callbacks its logs sorted by name, which puts accuracy before loss and val_accuracy
     before val_loss; the loss is what one looks at first.
     """
-    return dict(sorted(metrics.items(), key=lambda item: (item[0].startswith("val_"), item[0].removeprefix("val_") != "loss")))
+    return dict(
+        sorted(metrics.items(), key=lambda item: (item[0].startswith("val_"), item[0].removeprefix("val_") != "loss"))
+    )
 
 
 class TenthsLogger:
@@ -194,10 +196,14 @@ class EpochProgress(keras.callbacks.Callback):
     reading them here adds no synchronisation.
     """
 
-    def __init__(self, steps_per_epoch: int, batch_size: int, stream: TextIO | None = None, terminal: bool | None = None):
+    def __init__(
+        self, steps_per_epoch: int, batch_size: int, stream: TextIO | None = None, terminal: bool | None = None
+    ):
         super().__init__()
         if steps_per_epoch < 1 or batch_size < 1:
-            raise ValueError(f"steps_per_epoch and batch_size must be at least 1, got {steps_per_epoch} and {batch_size}")
+            raise ValueError(
+                f"steps_per_epoch and batch_size must be at least 1, got {steps_per_epoch} and {batch_size}"
+            )
         self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.stream = stream
@@ -238,7 +244,9 @@ class EpochProgress(keras.callbacks.Callback):
                 **bar_width_options(stream),
             )
         else:
-            self._reporter = TenthsLogger(self.steps_per_epoch, label, "steps", rate_unit="images", rate_scale=self.batch_size)
+            self._reporter = TenthsLogger(
+                self.steps_per_epoch, label, "steps", rate_unit="images", rate_scale=self.batch_size
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         # `batch` is the index of the last step run (several with steps_per_execution > 1).
@@ -249,7 +257,9 @@ class EpochProgress(keras.callbacks.Callback):
             elapsed = time.monotonic() - self._started
             images_per_second = self._steps_done * self.batch_size / elapsed if elapsed > 0 else 0.0
             logs = logs or {}
-            metrics = "".join(f", {name} {logs[name]:.4f}" for name in ("loss", "accuracy") if isinstance(logs.get(name), float))
+            metrics = "".join(
+                f", {name} {logs[name]:.4f}" for name in ("loss", "accuracy") if isinstance(logs.get(name), float)
+            )
             self._training_postfix = f"{images_per_second:.1f} images/s{metrics}"
             self._bar.set_postfix_str(self._training_postfix, refresh=False)
             self._bar.update(self._steps_done - self._bar.n)
@@ -275,7 +285,9 @@ class EpochProgress(keras.callbacks.Callback):
         images_per_second = self._steps_done * self.batch_size / training_seconds if training_seconds > 0 else 0.0
         validation = f", validation {ended - training_end:.0f} s" if self._validation_started else ""
         metrics = ", ".join(
-            f"{name} {value:.4f}" for name, value in in_reading_order(logs or {}).items() if isinstance(value, (int, float))
+            f"{name} {value:.4f}"
+            for name, value in in_reading_order(logs or {}).items()
+            if isinstance(value, (int, float))
         )
         logger.info(
             "%s done in %.0f s (training %.0f s at %.1f images/s%s): %s",
