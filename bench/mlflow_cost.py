@@ -14,6 +14,7 @@ divide by the training time of an epoch times the epochs for the share of the tr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import tempfile
@@ -32,22 +33,26 @@ def main() -> None:
 
     import numpy as np
 
-    from alexnet8.mlflow_keras import EpochMetricsToMlflow, log_model
     from alexnet8.model import build_alexnet8
+    from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
     from alexnet8.params import load_params
     from alexnet8.tracking import log_run_inputs, start_pipeline_run
 
     params = load_params(PROJECT_ROOT / "params.yaml")
     model = build_alexnet8(dense_units=params.train.dense_units, dropout=params.train.dropout)
-    images = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    class_names = [f"class{index}" for index in range(10)]
+    description = {"archive_md5": "0" * 32, "sizes": {"train": 2}, "class_names": class_names}
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)
+        model.save(Path(folder) / "model.keras")
+        Path(folder, "dataset.json").write_text(json.dumps(description))
         started = time.perf_counter()
         with start_pipeline_run(params.mlflow.experiment_name, "mlflow-cost", Path(folder) / "run.json"):
             seconds["start the run"] = time.perf_counter() - started
             started = time.perf_counter()
-            log_run_inputs(params, PROJECT_ROOT / "params.yaml", data_tags={})
+            log_run_inputs(params, PROJECT_ROOT / "params.yaml", description, prepared_md5="0" * 32)
             seconds["params, tags, provenance"] = time.perf_counter() - started
             started = time.perf_counter()
             epoch_metrics = EpochMetricsToMlflow(Path(folder) / "history.csv")
@@ -55,7 +60,7 @@ def main() -> None:
                 epoch_metrics.on_epoch_end(epoch, {"accuracy": 0.5, "loss": 1.5, "val_accuracy": 0.5, "val_loss": 1.5})
             seconds[f"metrics of {arguments.epochs} epochs"] = time.perf_counter() - started
             started = time.perf_counter()
-            log_model(model, images)
+            log_classifier(Path(folder) / "model.keras", Path(folder) / "dataset.json", class_names, images, "cost", 0)
             seconds["the model"] = time.perf_counter() - started
         os.chdir(PROJECT_ROOT)
     for name, value in seconds.items():

@@ -43,3 +43,44 @@ def test_width_and_classes_are_configurable():
     assert build_alexnet8(num_classes=5, dense_units=64).output_shape == (None, 5)
     with pytest.raises(ValueError, match="dropout must be in"):
         build_alexnet8(dropout=1.0)
+
+
+def test_raw_pixels_are_scaled_exactly_as_the_original_script_scales_them():
+    import keras
+
+    pixels = np.arange(256, dtype=np.uint8).repeat(12).reshape(-1, 32, 32, 3)[:1]
+    pixels = np.concatenate([pixels, np.random.default_rng(1).integers(0, 256, (7, 32, 32, 3), dtype=np.uint8)])
+    model = build_alexnet8(dense_units=16)
+    scale = keras.Model(model.input, model.get_layer("scale_to_unit").output)
+    original = (pixels / 255.0).astype(np.float32)  # the seed script's float64 x / 255.0, cast by Keras
+    np.testing.assert_array_equal(scale.predict(pixels, verbose=0), original)
+    np.testing.assert_array_equal(scale.predict(pixels.astype(np.float32), verbose=0), original)  # 0-255 floats too
+
+
+def test_an_unknown_normalization_is_refused():
+    with pytest.raises(ValueError, match="unknown normalization 'zscore'"):
+        build_alexnet8(normalization={"name": "zscore"})
+
+
+@pytest.mark.parametrize(
+    "normalization", [{"name": "unit"}, {"name": "standardize", "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}]
+)
+def test_raw_pixels_give_the_predictions_of_inputs_normalized_beforehand(normalization):
+    """The saved model on raw pixels against the earlier path: pixels normalized by preprocess
+    (x / 255, then (x - mean) / std in float32) fed to the network: identical for `unit`,
+    equal within float rounding for `standardize` (sqrt(std²) may differ from std in the last bit)."""
+    import keras
+
+    model = build_alexnet8(dense_units=64, normalization=normalization)
+    network = keras.Model(model.get_layer("conv1").input, model.output)  # the same weights, no normalization
+    pixels = np.random.default_rng(2).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    normalized = pixels.astype(np.float32) / np.float32(255.0)
+    if normalization["name"] == "standardize":
+        normalized -= np.float32(normalization["mean"])
+        normalized /= np.float32(normalization["std"])
+    raw, earlier = model.predict(pixels, verbose=0), network.predict(normalized, verbose=0)
+    if normalization["name"] == "unit":
+        np.testing.assert_array_equal(raw, earlier)
+    else:
+        np.testing.assert_allclose(raw, earlier, rtol=1e-4, atol=1e-6)
+        assert np.array_equal(raw.argmax(axis=1), earlier.argmax(axis=1))

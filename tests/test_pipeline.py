@@ -92,7 +92,7 @@ def test_mlflow_run_holds_the_whole_pipeline(project):
         experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
     )
     model = mlflow.pyfunc.load_model(logged.model_uri)
-    assert np.asarray(model.predict(np.zeros((2, 32, 32, 3), dtype=np.float32))).shape == (2, 10)
+    assert model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 11)  # the class, 10 probabilities
 
 
 def test_second_repro_runs_nothing(project):

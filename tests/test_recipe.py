@@ -99,7 +99,7 @@ def test_constant_schedule_and_optimizers(recipe, default_params):
 
 def _asymmetric_split(count=64):
     rng = np.random.default_rng(3)
-    images = rng.random((count, 32, 32, 3), dtype=np.float32)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)  # raw pixels, as the model takes them
     return Split(images=images, labels=(np.arange(count) % 10).astype(np.uint8))
 
 

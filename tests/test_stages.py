@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import write_params
 
+from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
 from alexnet8.plot import main as plot_main
@@ -123,19 +124,46 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "figures")}
     assert artifacts == {"figures/curves.png", "figures/confusion.png"}
 
+    assert not [name for name in run.data.params if name.startswith("optimizer_")]  # train.* says it all
+    assert json.loads(run.data.tags["data.sizes"]) == {"train": 90, "validation": 10, "test": 40}
+    assert "dvc.experiment" not in run.data.tags  # not run by `dvc exp run`
+    [dataset] = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("cifar-10", run.data.tags["data.archive_md5"])
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline_outputs, prepared_dir):
+    paths, tracking_uri = pipeline_outputs
+    record = json.loads(paths["run_file"].read_text())
     mlflow.set_tracking_uri(tracking_uri)
-    [logged] = mlflow.search_logged_models(
-        filter_string=f"source_run_id = '{run_id}'", experiment_ids=[run.info.experiment_id], output_format="list"
-    )
-    images = np.random.default_rng(0).random((3, 32, 32, 3), dtype=np.float32)
-    probabilities = mlflow.pyfunc.load_model(logged.model_uri).predict(images)
-    assert np.asarray(probabilities).shape == (3, 10)
-    assert (
-        mlflow.keras.load_model(logged.model_uri).count_params()
-        == keras.models.load_model(paths["model"]).count_params()
-    )
-    signature = mlflow.models.get_model_info(logged.model_uri).signature
-    assert signature.inputs.to_dict()[0]["tensor-spec"]["shape"] == (-1, 32, 32, 3)
+    logged = mlflow.get_logged_model(record["model_id"])
+    assert logged.source_run_id == record["run_id"] and logged.name == "adam-lr0_001-b16-e2-unit"
+    # Linked to the last epoch's metrics and to the test metrics.
+    steps = {(metric.key, metric.step) for metric in logged.metrics}
+    assert {("val_accuracy", 1), ("accuracy", 1)} <= steps and ("val_accuracy", 0) not in steps
+    assert "test_accuracy" in {metric.key for metric in logged.metrics}
+
+    classifier = mlflow.pyfunc.load_model(f"models:/{record['model_id']}")
+    test_images = load_split(prepared_dir, "test").images[:8]  # the archive's raw uint8 pixels
+    table = classifier.predict(np.asarray(test_images))
+    class_names = load_description(prepared_dir)["class_names"]
+    assert list(table.columns) == ["class", *class_names]
+    np.testing.assert_allclose(table[class_names].sum(axis=1), 1, rtol=1e-5)
+    with open(paths["predictions"]) as stream:
+        expected = [row["predicted"] for row in csv.DictReader(stream)][:8]
+    assert list(table["class"]) == expected  # the same model as `evaluate` scored
+    signature = classifier.metadata.signature.inputs.to_dict()[0]
+    assert (signature["tensor-spec"]["dtype"], signature["tensor-spec"]["shape"]) == ("uint8", (-1, 32, 32, 3))
+
+
+def test_each_run_registers_a_version_that_is_the_candidate_and_the_first_champion(pipeline_outputs):
+    paths, tracking_uri = pipeline_outputs
+    record = json.loads(paths["run_file"].read_text())
+    client = mlflow.MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias("alexnet8-cifar10", "champion")
+    assert str(version.version) == record["model_version"] == "1" and version.aliases == ["candidate", "champion"]
+    assert version.tags["champion.compared_with"] == "no champion before"
 
 
 def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tmp_path):
@@ -159,15 +187,18 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
         )
 
 
-def test_a_registered_model_name_registers_a_new_version_per_run():
-    from alexnet8.mlflow_keras import log_model
-    from alexnet8.model import build_alexnet8
+def test_champion_moves_only_to_a_version_with_a_better_test_accuracy():
+    from alexnet8.registry import promote
 
-    model = build_alexnet8(dense_units=8)
-    images = np.zeros((2, 32, 32, 3), dtype=np.float32)
-    mlflow.set_experiment("registration")  # not an experiment another test left active in another store
-    for _ in range(2):
-        with mlflow.start_run():
-            log_model(model, images, registered_model_name="alexnet8-cifar10")
-    versions = mlflow.MlflowClient().search_model_versions("name = 'alexnet8-cifar10'")
-    assert sorted(int(version.version) for version in versions) == [1, 2]
+    client = mlflow.MlflowClient()
+    client.create_registered_model("classifier")
+    versions = [client.create_model_version("classifier", source="mlflow-artifacts:/none").version for _ in range(3)]
+    assert promote("classifier", versions[0], 0.60)
+    assert not promote("classifier", versions[1], 0.55)  # worse: candidate only
+    assert str(client.get_model_version_by_alias("classifier", "champion").version) == str(versions[0])
+    assert str(client.get_model_version_by_alias("classifier", "candidate").version) == str(versions[1])
+    assert client.get_model_version("classifier", versions[1]).tags["champion.compared_with"] == (
+        "version 1 (test accuracy 0.6000)"
+    )
+    assert promote("classifier", versions[2], 0.61)
+    assert str(client.get_model_version_by_alias("classifier", "champion").version) == str(versions[2])

@@ -23,8 +23,8 @@ def test_runs_started_in_a_project_land_in_its_own_store(tmp_path, monkeypatch):
     project.mkdir()
     monkeypatch.chdir(project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with tracking.start_pipeline_run("local", "run-1", project / "run.json") as run:
+    with tracking.start_pipeline_run("local", "run-1", project / "run.json") as record:
         mlflow.log_text("hello", "note.txt")
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert client.get_run(record["run_id"]).info.status == "FINISHED"
     assert client.get_experiment_by_name("local").artifact_location == (project / "mlruns").as_uri()

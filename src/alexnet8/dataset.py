@@ -31,7 +31,7 @@ def label_file(split: str) -> str:
 
 @dataclass(frozen=True)
 class Split:
-    images: np.ndarray  # float32, N x 32 x 32 x 3, memory-mapped read-only
+    images: np.ndarray  # uint8 RGB pixels, N x 32 x 32 x 3, memory-mapped read-only
     labels: np.ndarray  # uint8, N
     images_path: Path | None = None  # the .npy file `images` maps, if any: ImageReader reads batches from it
 
@@ -91,9 +91,10 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
         labels = np.load(prepared_dir / label_file(split), mmap_mode="r")
     except FileNotFoundError as error:
         raise DataError(f"{error.filename} not found: run the preprocess stage first") from None
-    if images.dtype != np.float32 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(
-            f"{prepared_dir / image_file(split)}: expected float32 N x 32 x 32 x 3, got {images.dtype} {images.shape}"
+            f"{prepared_dir / image_file(split)}: expected uint8 N x 32 x 32 x 3, got {images.dtype} "
+            f"{images.shape}: prepared by another version of the preprocess stage? Run `dvc repro` again"
         )
     if len(labels) != len(images):
         raise DataError(f"{prepared_dir}: {split} has {len(images)} images but {len(labels)} labels")

@@ -4,7 +4,9 @@ Reads: the model `--model`, the prepared folder `--data` (test split, class name
 `--run-file`; param `evaluate.batch_size`.
 Writes: `--metrics` (JSON: test accuracy, test loss, accuracy per class, for `dvc metrics`) and
 `--predictions` (CSV: actual and predicted class of every test image, the confusion matrix's
-source for `dvc plots` and the plot stage). Logs the test metrics into the training's MLflow run.
+source for `dvc plots` and the plot stage). Logs the test metrics into the training's MLflow run
+and its logged model; with a registered model, makes the new version the `candidate` and, if it
+beats the `champion` on test accuracy, the champion (registry.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from alexnet8.errors import DataError
 from alexnet8.files import write_json
 from alexnet8.params import load_params
 from alexnet8.progress import progress_bar
+from alexnet8.registry import promote
 from alexnet8.reports import write_predictions
 from alexnet8.tracking import reopen_pipeline_run
 
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     class_names = load_description(arguments.data)["class_names"]
     test_split = load_split(arguments.data, "test")
     model = load_trained_model(arguments.model)
-    with reopen_pipeline_run(arguments.run_file):
+    with reopen_pipeline_run(arguments.run_file) as record:
         metrics, predicted = evaluate_model(
             model, test_split, class_names, params.evaluate.batch_size, params.evaluate.flip_tta
         )
@@ -97,9 +100,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"test_accuracy_{name}": value
                 for name, value in metrics["per_class_accuracy"].items()
                 if value is not None
-            }
+            },
+            model_id=record.get("model_id"),  # the logged model shows its test metrics too
         )
         mlflow.log_artifact(arguments.metrics)
+        if record.get("model_version"):
+            promote(record["registered_model"], record["model_version"], metrics["accuracy"])
     logger.info("test accuracy %.4f, test loss %.4f", metrics["accuracy"], metrics["loss"])
 
 

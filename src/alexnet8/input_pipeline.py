@@ -76,7 +76,7 @@ def make_dataset(
 
     def read(index):
         # Reading is deterministic, so tf.data may run it in parallel and ahead of the model.
-        images = tf.numpy_function(reader, [index], tf.float32, stateful=False)
+        images = tf.numpy_function(reader, [index], tf.as_dtype(split.images.dtype), stateful=False)
         batch_labels = tf.gather(labels, index)
         if one_hot_classes:
             batch_labels = tf.one_hot(batch_labels, one_hot_classes)

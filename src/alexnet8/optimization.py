@@ -5,6 +5,8 @@ Reads and writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import keras
 
 from alexnet8.model import build_alexnet8
@@ -45,9 +47,14 @@ def build_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimize
     )
 
 
-def build_compiled_model(params: TrainParams, num_classes: int, steps_per_epoch: int) -> keras.Model:
-    """AlexNet8 as `params` shape it, compiled with its loss, accuracy metric and optimizer."""
-    model = build_alexnet8(num_classes=num_classes, dense_units=params.dense_units, dropout=params.dropout)
+def build_compiled_model(
+    params: TrainParams, num_classes: int, steps_per_epoch: int, normalization: Mapping | None = None
+) -> keras.Model:
+    """AlexNet8 as `params` shape it, on raw pixels normalized as `normalization` (dataset.json's)
+    says, compiled with its loss, accuracy metric and optimizer."""
+    model = build_alexnet8(
+        num_classes=num_classes, dense_units=params.dense_units, dropout=params.dropout, normalization=normalization
+    )
     if params.label_smoothing:
         # Smoothing needs one-hot targets (input_pipeline.one_hot_length); same metric names either way.
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)

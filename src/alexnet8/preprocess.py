@@ -1,11 +1,12 @@
-"""Stage `preprocess`: CIFAR-10 binary archive -> normalized float32 arrays, split for validation.
+"""Stage `preprocess`: CIFAR-10 binary archive -> image and label arrays, split for validation.
 
 Reads: the archive at `--archive`; params `seed`, `preprocess.validation_fraction`,
 `preprocess.normalization`.
-Writes: the folder `--out` with `{train,validation,test}_{images,labels}.npy` (images float32
-N x 32 x 32 x 3, labels uint8) that training memory-maps, and `dataset.json` (class names, split
-sizes, the normalization and its statistics, the archive's md5). The folder appears complete or
-not at all.
+Writes: the folder `--out` with `{train,validation,test}_{images,labels}.npy` (images: the raw
+RGB pixels, uint8 N x 32 x 32 x 3; labels uint8) that training reads batch by batch, and
+`dataset.json` (class names, split sizes, the normalization and its statistics, the archive's
+md5, the arrays' md5s). The folder appears complete or not at all. Pixels stay as they are: the
+model normalizes them itself (model.py), so what it is trained on is what a user has.
 
 The archive is read with numpy from its binary records (1 label byte, then 1024 red, 1024 green,
 1024 blue pixel bytes, row-major): nothing in it is unpickled, executed or extracted to disk.
@@ -118,43 +119,32 @@ def split_indices(count: int, validation_fraction: float, seed: int) -> tuple[np
     return np.sort(order[validation_count:]), np.sort(order[:validation_count])
 
 
-def normalize(
+def split_and_describe(
     raw: RawDataset, params: PreprocessParams, seed: int
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, object]]:
-    """Split and normalize. Returns {split: (float32 images, uint8 labels)} and the normalization's description."""
+    """Hold out the validation split. Returns {split: (uint8 images, uint8 labels)} and the
+    normalization the model is to apply: its name and, to standardize, the per-channel mean and
+    standard deviation of the training split's pixels scaled to [0, 1]."""
     train_index, validation_index = split_indices(len(raw.train_labels), params.validation_fraction, seed)
-    uint8_splits = {
+    splits = {
         "train": (raw.train_images[train_index], raw.train_labels[train_index]),
         "validation": (raw.train_images[validation_index], raw.train_labels[validation_index]),
         "test": (raw.test_images, raw.test_labels),
     }
-    # x / 255 in float32 is correctly rounded, so it equals the original's float64 x / 255.0 cast
-    # to float32 by Keras: the "unit" default keeps the original script's numerics exactly.
-    scale = np.float32(255.0)
     normalization: dict[str, object] = {"name": params.normalization}
     if params.normalization == "standardize":
         # Statistics from the training split only, so nothing leaks from validation or test.
-        train_unit = uint8_splits["train"][0].astype(np.float32) / scale
+        train_unit = splits["train"][0].astype(np.float32) / np.float32(255.0)
         mean = train_unit.mean(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
         std = train_unit.std(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
-        del train_unit
         normalization.update(mean=mean.tolist(), std=std.tolist())
-
-    def transform(images: np.ndarray) -> np.ndarray:
-        unit = images.astype(np.float32) / scale
-        if params.normalization == "standardize":
-            unit -= mean
-            unit /= std
-        return unit
-
-    splits = {name: (transform(images), labels) for name, (images, labels) in uint8_splits.items()}
     return splits, normalization
 
 
 def preprocess(archive_path: str | Path, out_dir: str | Path, params: PreprocessParams, seed: int) -> dict[str, object]:
     """The stage: read, split, normalize and save. Returns what it wrote to dataset.json."""
     raw = read_archive(archive_path)
-    splits, normalization = normalize(raw, params, seed)
+    splits, normalization = split_and_describe(raw, params, seed)
     description = {
         "class_names": list(raw.class_names),
         "sizes": {name: int(len(labels)) for name, (_, labels) in splits.items()},

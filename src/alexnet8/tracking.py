@@ -23,11 +23,14 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
+from mlflow.data import dataset_source_registry
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
 from alexnet8.errors import PipelineError
@@ -40,6 +43,7 @@ logger = logging.getLogger(__name__)
 SERVER_TIMEOUT_SECONDS = 5
 LOCAL_STORE = "mlflow.db"
 LOCAL_ARTIFACTS = "mlruns"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def project_root(folder: str | Path | None = None) -> Path:
@@ -64,16 +68,24 @@ def use_project_store() -> None:
 
 
 def _set_experiment(name: str) -> None:
-    """Set the experiment; when the local store creates it, its artifacts go to <project root>/mlruns."""
-    if mlflow.get_tracking_uri() == _project_store() and mlflow.get_experiment_by_name(name) is None:
+    """Set the experiment, creating it if needed: in the local store its artifacts go to
+    <project root>/mlruns, and MLflow's UI opens it as a model-training experiment."""
+    if mlflow.get_experiment_by_name(name) is None:
+        local = mlflow.get_tracking_uri() == _project_store()
+        artifact_location = (project_root() / LOCAL_ARTIFACTS).as_uri() if local else None
+        # The experiment kind is the tag MLflow's UI sets when one picks the kind in its selector;
+        # without it, the UI guesses and may open the GenAI view.
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
         with contextlib.suppress(MlflowException):  # created meanwhile by a parallel experiment
-            mlflow.create_experiment(name, artifact_location=(project_root() / LOCAL_ARTIFACTS).as_uri())
+            mlflow.create_experiment(name, artifact_location=artifact_location, tags=tags)
     mlflow.set_experiment(name)
 
 
 def provenance_tags() -> dict[str, str]:
     """What it takes to recreate a run: git commit and dirtiness, the DVC experiment, the command."""
-    tags = {"command": " ".join(sys.orig_argv), "dvc.experiment": os.environ.get("DVC_EXP_NAME", "")}
+    tags = {"command": " ".join(sys.orig_argv)}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         changes = subprocess.run(
@@ -143,14 +155,15 @@ def _start_or_continue(experiment_name: str, run_name: str, interrupted_run_file
 @contextlib.contextmanager
 def start_pipeline_run(
     experiment_name: str, run_name: str, run_file: str | Path, interrupted_run_file: str | Path | None = None
-) -> Iterator[mlflow.ActiveRun]:
+) -> Iterator[dict[str, str]]:
     """Start the pipeline's run (or continue an interrupted one) and record it in `run_file`.
 
     `interrupted_run_file` is a file in the training's checkpoint folder: if it names a run, that
     run is continued, so an interrupted and resumed training is one MLflow run; the new run's id
-    is written there at once. An exception inside the block ends the run as FAILED, an interrupt
-    (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so later stages never log
-    into a failed run.
+    is written there at once. The block gets the run's record (run and experiment ids, tracking
+    URI) and may add to it; `run_file` holds it. An exception inside the block ends the run as
+    FAILED, an interrupt (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so
+    later stages never log into a failed run.
     """
     use_project_store()
     interrupted_run_file = Path(interrupted_run_file) if interrupted_run_file else None
@@ -170,7 +183,7 @@ def start_pipeline_run(
             }
             if interrupted_run_file:
                 write_json(interrupted_run_file, record)
-            yield run
+            yield record
             write_json(run_file, record)
     except KeyboardInterrupt:
         mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
@@ -178,9 +191,9 @@ def start_pipeline_run(
 
 
 @contextlib.contextmanager
-def reopen_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
+def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
     """Reopen the finished run that the train stage recorded in `run_file`, for a later stage to
-    log into; it ends FINISHED again, or FAILED on error."""
+    log into; the block gets the run file's record. The run ends FINISHED again, or FAILED on error."""
     use_project_store()
     run_file = Path(run_file)
     try:
@@ -198,7 +211,7 @@ def reopen_pipeline_run(run_file: str | Path) -> Iterator[mlflow.ActiveRun]:
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
     with run:
-        yield run
+        yield recorded
 
 
 def default_run_name(params: Params) -> str:
@@ -213,12 +226,23 @@ def default_run_name(params: Params) -> str:
     )
 
 
-def log_run_inputs(params: Params, params_file: str | Path, data_tags: dict[str, str]) -> None:
-    """Into the active run: every param, the provenance tags (with `data_tags`), and as artifacts
-    the params file, dvc.lock (if any) and the installed packages."""
+def log_run_inputs(params: Params, params_file: str | Path, description: dict, prepared_md5: str) -> None:
+    """Into the active run: every param, the data set (name, the archive's md5, its URL), the
+    provenance tags, and as artifacts the params file, dvc.lock (if any) and the installed packages."""
     # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
     mlflow.log_params(params.flat() | {"derived.peak_learning_rate": params.train.peak_learning_rate})
+    data_tags = {
+        "data.archive_md5": description["archive_md5"],
+        "data.prepared_md5": prepared_md5,
+        "data.sizes": json.dumps(description["sizes"]),
+    }
     mlflow.set_tags(provenance_tags() | data_tags)
+    # The runs table's Dataset column: the archive, by its md5 and where it came from.
+    with warnings.catch_warnings():  # MLflow warns that a local path could be two kinds of source
+        warnings.simplefilter("ignore", UserWarning)
+        source = dataset_source_registry.resolve_dataset_source(params.fetch.url)
+    dataset = MetaDataset(source=source, name="cifar-10", digest=description["archive_md5"])
+    mlflow.log_input(dataset, context="training")
     mlflow.log_artifact(str(params_file), artifact_path="provenance")
     if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
         mlflow.log_artifact("dvc.lock", artifact_path="provenance")

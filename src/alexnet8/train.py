@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import keras
@@ -31,13 +31,14 @@ from alexnet8.checkpoints import (
     completed_epochs,
     training_key,
 )
-from alexnet8.dataset import Split, dataset_digest, load_description, load_split
+from alexnet8.dataset import DATASET_FILE, Split, dataset_digest, load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.mlflow_keras import EpochMetricsToMlflow, log_model
+from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
+from alexnet8.progress import EpochProgress
 from alexnet8.reports import history_columns, truncate_history
 from alexnet8.runtime import configure_runtime, distribution_strategy
 from alexnet8.tracking import check_tracking_server, default_run_name, log_run_inputs, start_pipeline_run
@@ -58,8 +59,11 @@ def train_model(
     checkpoint_dir: str | Path,
     log_to_mlflow: bool = False,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    normalization: Mapping | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
-    """Build, compile and fit AlexNet8, resuming from `checkpoint_dir` if an earlier run was interrupted.
+    """Build, compile and fit AlexNet8 on the splits' raw pixels, normalized inside the model as
+    `normalization` (dataset.json's) says, resuming from `checkpoint_dir` if an earlier run was
+    interrupted.
 
     The caller deletes `checkpoint_dir` once the model is safe. Returns the model and the
     per-epoch history of all epochs, including those of the interrupted run.
@@ -75,7 +79,7 @@ def train_model(
 
     steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
     with distribution_strategy().scope():
-        model = build_compiled_model(params, num_classes, steps_per_epoch)
+        model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
     # BackupAndRestore needs a built optimizer to restore its state into.
     model.optimizer.build(model.trainable_variables)
     model.fit(
@@ -87,6 +91,8 @@ def train_model(
         steps_per_epoch=steps_per_epoch,
         shuffle=False,  # the dataset shuffles itself, per epoch
         callbacks=[
+            # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
+            EpochProgress(steps_per_epoch, params.batch_size),
             keras.callbacks.TerminateOnNaN(),
             # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
             # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
@@ -96,7 +102,7 @@ def train_model(
             *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
             *callbacks,
         ],
-        verbose=2,
+        verbose=0,  # EpochProgress reports instead
     )
     history = history_columns(history_path)
     losses = history.get("loss", [])
@@ -129,18 +135,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
     configure_runtime(params.train)
 
+    run_name = default_run_name(params)
     with start_pipeline_run(
         params.mlflow.experiment_name,
-        default_run_name(params),
+        run_name,
         arguments.run_file,
         interrupted_run_file=this_checkpoint / RUN_RECORD_FILE,
-    ):
-        data_tags = {
-            "data.archive_md5": description["archive_md5"],
-            "data.prepared_md5": dataset_digest(arguments.data),
-            "data.sizes": str(description["sizes"]),
-        }
-        log_run_inputs(params, arguments.params, data_tags)
+    ) as record:
+        log_run_inputs(params, arguments.params, description, dataset_digest(arguments.data))
         model, history = train_model(
             params.train,
             params.seed,
@@ -149,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             num_classes=len(description["class_names"]),
             checkpoint_dir=this_checkpoint,
             log_to_mlflow=True,
+            normalization=description["normalization"],
         )
         with atomic_path(arguments.model, suffix=".keras") as temporary:
             model.save(temporary)
@@ -156,7 +159,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
-        log_model(model, train_split.images, registered_model_name=params.mlflow.registered_model_name or None)
+        logged = log_classifier(
+            arguments.model,
+            Path(arguments.data) / DATASET_FILE,
+            description["class_names"],
+            example_images=train_split.images[:2],
+            name=run_name,
+            step=params.train.epochs - 1,  # links the model to the last epoch's metrics
+            registered_model_name=params.mlflow.registered_model_name or None,
+        )
+        record["model_id"] = logged.model_id
+        if logged.registered_model_version is not None:
+            record |= {
+                "registered_model": params.mlflow.registered_model_name,
+                "model_version": str(logged.registered_model_version),
+            }
     shutil.rmtree(this_checkpoint, ignore_errors=True)
 
 
