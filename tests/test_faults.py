@@ -208,6 +208,7 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
     [run] = _runs(client)
     if signal_number == signal.SIGTERM:
         assert process.returncode == 130 and run.info.status == "KILLED", output
+        assert "resume training after the last completed epoch" in output
     else:
         assert process.returncode == -signal.SIGKILL and run.info.status == "RUNNING"  # nothing can run on SIGKILL
 
@@ -221,3 +222,10 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
             metric
         )
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + epochs
+
+
+def test_an_interrupted_stage_other_than_train_does_not_talk_about_training():
+    stage = "from alexnet8 import cli\ndef stage(argv):\n    raise KeyboardInterrupt\ncli.run(stage)"
+    result = subprocess.run([sys.executable, "-c", stage], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130
+    assert "interrupted; nothing half-written was left" in result.stderr and "training" not in result.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import re
 import threading
+import time
 
 import pytest
 from helpers import write_params
@@ -24,6 +26,7 @@ class _Server:
     def __init__(self):
         self.requests = 0
         self.cut_after: int | None = None
+        self.trickle_seconds: float | None = None  # send a byte every so many seconds
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -36,6 +39,12 @@ class _Server:
                 self.send_header("Content-Length", str(len(PAYLOAD)))
                 self.end_headers()
                 body = PAYLOAD if server.cut_after is None else PAYLOAD[: server.cut_after]
+                if server.trickle_seconds:
+                    for byte in body[:40]:  # bounded: the client gives up long before
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(server.trickle_seconds)
+                    return
                 self.wfile.write(body)
                 self.wfile.flush()
 
@@ -93,11 +102,41 @@ def test_a_download_cut_short_leaves_nothing_and_a_retry_works(server, tmp_path)
     assert file_md5(target) == PAYLOAD_MD5
 
 
-def test_an_unreachable_url_is_named(server, tmp_path):
+def test_a_missing_file_on_the_server_names_the_status_and_the_param(server, tmp_path):
     missing = server.url.replace("cifar.tar.gz", "missing.tar.gz")
-    with pytest.raises(DataError, match=f"download of {missing} failed"):
+    message = f"download of {missing} failed: the server answered HTTP 404 (Not Found); check fetch.url in params.yaml"
+    with pytest.raises(DataError, match=re.escape(message)):
         download(missing, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_server_is_named_and_a_retry_suggested(server, tmp_path):
+    url = server.url
+    server.close()
+    with pytest.raises(DataError, match=rf"download of {re.escape(url)} failed after 0 bytes: .*rerun `dvc repro`"):
+        download(url, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trickling_server_is_given_up_on_and_nothing_is_written(server, tmp_path, monkeypatch):
+    from alexnet8 import fetch
+
+    monkeypatch.setattr(fetch, "STALL_WINDOW_SECONDS", 0.5)
+    server.trickle_seconds = 0.1  # each read well within the timeout, the whole far below the minimum rate
+    started = time.monotonic()
+    with pytest.raises(DataError, match=rf"download of {re.escape(server.url)} stalled: \d+ bytes in the last 0.5 s"):
+        download(server.url, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
+    assert time.monotonic() - started < 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_is_logged_without_a_terminal(server, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="alexnet8.progress"):
+        download(server.url, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
+    lines = [record.getMessage() for record in caplog.records if record.name == "alexnet8.progress"]
+    # A line at each tenth passed (reads may pass several at once), the last at 100%, with the rate in MB/s.
+    assert 1 <= len(lines) <= 10 and all(line.startswith("cifar.tar.gz: ") for line in lines)
+    assert "1048576/1048576 bytes (100%)" in lines[-1] and " MB/s, " in lines[-1]
 
 
 @pytest.mark.parametrize("as_url", [False, True], ids=["local path", "file URL"])

@@ -89,6 +89,7 @@ BAD_PARAMS = [
     ("fetch.url", "ftp://example.org/cifar.tar.gz", "fetch.url: Value error, unsupported URL scheme 'ftp'"),
     ("fetch.url", "", "fetch.url: String should have at least 1 character"),
     ("seed", -1, "seed: Input should be greater than or equal to 0"),
+    ("seed", 2**64, "seed: Input should be less than 4294967296"),
     ("mlflow", _DELETE, "mlflow: missing"),
     ("extra_section", {}, "extra_section: unknown key"),
 ]
@@ -121,3 +122,10 @@ def test_missing_or_unparsable_file_is_named(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ParamsError, match="expected a mapping of sections"):
         load_params(scalar)
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_and_the_key(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((PROJECT_ROOT / "params.yaml").read_text() + "\nseed: 7\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: not valid YAML: .*duplicate key 'seed'"):
+        load_params(path)

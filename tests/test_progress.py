@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from tqdm import tqdm
 
-from alexnet8.progress import EpochProgress, TenthsLogger, logging_stream, progress_bar
+from alexnet8.epoch_progress import EpochProgress
+from alexnet8.progress import TenthsLogger, logging_stream, progress_bar
 
 PROGRESS_LINE = re.compile(
     r"^(?P<epoch>epoch \d+/\d+): (?P<done>\d+)/(?P<total>\d+) steps \((?P<percent>\d+)%\), "

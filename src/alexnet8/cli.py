@@ -25,8 +25,14 @@ def parser(description: str | None, reads_params: bool = True) -> argparse.Argum
     return argument_parser
 
 
-def run(stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's main with logging; a PipelineError exits 1 with its message and no traceback."""
+INTERRUPTED = "interrupted; nothing half-written was left: run the stage again (`dvc repro`)"
+
+
+def run(
+    stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None, interrupted: str = INTERRUPTED
+) -> None:
+    """Run a stage's main with logging; a PipelineError exits 1 with its message and no traceback,
+    an interrupt exits 130 with the message `interrupted`."""
     logging.basicConfig(
         level=os.environ.get("ALEXNET8_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -41,7 +47,7 @@ def run(stage: Callable[[Sequence[str] | None], None], argv: Sequence[str] | Non
         logger.error("%s", error)
         sys.exit(1)
     except KeyboardInterrupt:
-        logger.error("interrupted; run the stage again (`dvc repro`) to resume training from the last completed epoch")
+        logger.error("%s", interrupted)
         # Everything was cleaned up while unwinding (MLflow run ended as KILLED, temporary files
         # removed). Skip interpreter shutdown: it can block for minutes joining tf.data worker
         # threads that were stopped mid-batch (seen after a SIGTERM in the middle of an epoch).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -25,10 +26,14 @@ from alexnet8 import cli
 from alexnet8.errors import DataError
 from alexnet8.files import CHUNK_BYTES, atomic_path, file_md5
 from alexnet8.params import load_params
+from alexnet8.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_SECONDS = 60
+TIMEOUT_SECONDS = 60  # for connecting, and for each read
+# A server that trickles keeps every read within the timeout; require at least this much per window.
+STALL_WINDOW_SECONDS = 60
+STALL_MIN_BYTES = 64 * 1024
 
 
 def _open(url: str):
@@ -39,6 +44,13 @@ def _open(url: str):
     response = urllib.request.urlopen(url, timeout=TIMEOUT_SECONDS)  # noqa: S310 (scheme checked in params)
     length = response.headers.get("Content-Length")
     return response, int(length) if length else None
+
+
+def _progress(total: int | None, name: str):
+    """A progress bar (or ~10 log lines) in bytes; tqdm's own, shown on a terminal only, when the size is unknown."""
+    if total:
+        return progress_bar(total, name, "bytes", rate_unit="MB", rate_scale=1e-6)
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=name, disable=None)
 
 
 def download(url: str, expected_md5: str, destination: str | Path) -> Path:
@@ -59,21 +71,33 @@ def download(url: str, expected_md5: str, destination: str | Path) -> Path:
         received = 0
         try:
             source, total = _open(url)
-            with (
-                source,
-                open(temporary, "wb") as sink,
-                tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=destination.name, disable=None
-                ) as progress,
-            ):
-                for chunk in iter(lambda: source.read(CHUNK_BYTES), b""):
+            with source, open(temporary, "wb") as sink, _progress(total, destination.name) as progress:
+                window_start, window_bytes = time.monotonic(), 0
+                # read1: return what one receive brings, so a trickling server is noticed.
+                for chunk in iter(lambda: source.read1(CHUNK_BYTES), b""):
                     sink.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
+                    window_bytes += len(chunk)
                     progress.update(len(chunk))
+                    if time.monotonic() - window_start >= STALL_WINDOW_SECONDS:
+                        if window_bytes < STALL_MIN_BYTES:
+                            raise DataError(
+                                f"download of {url} stalled: {window_bytes} bytes in the last "
+                                f"{STALL_WINDOW_SECONDS} s after {received} in all; rerun `dvc repro` to retry, "
+                                "or download the archive yourself and set fetch.url to its path"
+                            )
+                        window_start, window_bytes = time.monotonic(), 0
+        except urllib.error.HTTPError as error:
+            raise DataError(
+                f"download of {url} failed: the server answered HTTP {error.code} ({error.reason}); "
+                "check fetch.url in params.yaml"
+            ) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", None) or error
-            raise DataError(f"download of {url} failed after {received} bytes: {reason}") from error
+            raise DataError(
+                f"download of {url} failed after {received} bytes: {reason}; rerun `dvc repro` to retry"
+            ) from error
         if total is not None and received != total:
             raise DataError(f"download of {url} was cut short: got {received} of {total} bytes")
         actual_md5 = digest.hexdigest()

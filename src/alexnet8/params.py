@@ -103,7 +103,7 @@ class MlflowParams(_Section):
 
 
 class Params(_Section):
-    seed: Annotated[int, Field(ge=0)]
+    seed: Annotated[int, Field(ge=0, lt=2**32)]  # NumPy's and TensorFlow's generators take 32-bit seeds
     fetch: FetchParams
     preprocess: PreprocessParams
     train: TrainParams

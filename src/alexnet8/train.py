@@ -32,13 +32,13 @@ from alexnet8.checkpoints import (
     training_key,
 )
 from alexnet8.dataset import DATASET_FILE, Split, dataset_digest, load_description, load_split
+from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
-from alexnet8.progress import EpochProgress
 from alexnet8.reports import history_columns, truncate_history
 from alexnet8.runtime import configure_runtime, distribution_strategy
 from alexnet8.tracking import check_tracking_server, default_run_name, log_run_inputs, start_pipeline_run
@@ -178,4 +178,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(
+        main,
+        interrupted="interrupted; run the stage again (`dvc repro`) to resume training after the last completed epoch",
+    )
