@@ -36,3 +36,11 @@ def _imports(module: Path) -> set[str]:
 def test_stage_code_deps_are_exactly_its_imports(stage):
     declared = {Path(dep).name for dep in STAGES[stage]["deps"] if str(dep).startswith("src/")}
     assert declared == _imports(PACKAGE / f"{stage}.py")
+
+
+@pytest.mark.parametrize("stage", [name for name in STAGES if "tracking.py" in _imports(PACKAGE / f"{name}.py")])
+def test_stages_that_log_to_mlflow_are_never_restored_from_the_run_cache(stage):
+    """DVC's run cache restores a stage's outputs without running it, and then nothing is logged;
+    an uncached plain output turns the run cache off for the stage (metrics and plots do not)."""
+    outs = STAGES[stage].get("outs", [])
+    assert any(isinstance(out, dict) and next(iter(out.values())).get("cache") is False for out in outs), stage

@@ -121,6 +121,33 @@ def test_a_resumed_training_continues_its_mlflow_run_with_every_epoch_once(prepa
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+def test_an_interrupted_evaluate_leaves_the_run_killed_and_its_rerun_finishes_it(prepared_dir, tmp_path, monkeypatch):
+    from alexnet8 import evaluate
+
+    params_file = write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": 1}))
+    train.main(_train_arguments(tmp_path, prepared_dir, params_file))
+    arguments = ["--params", str(params_file), "--data", str(prepared_dir), "--model", str(tmp_path / "model.keras"),
+                 "--run-file", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "test.json"),
+                 "--predictions", str(tmp_path / "predictions.csv")]  # fmt: skip
+    scored = evaluate.evaluate_model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "evaluate_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(arguments)
+    client = mlflow.MlflowClient()
+    [run] = _runs(client)
+    assert run.info.status == "KILLED" and "test_accuracy" not in run.data.metrics
+    assert not (tmp_path / "test.json").exists()
+
+    monkeypatch.setattr(evaluate, "evaluate_model", scored)
+    evaluate.main(arguments)
+    [run] = _runs(client)
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+
+
 def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, monkeypatch):
     arguments = _train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY))
     with monkeypatch.context() as patch:

@@ -210,8 +210,13 @@ def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
             f"MLflow run {run_id} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot be "
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
-    with run:
-        yield recorded
+    try:
+        with run:
+            yield recorded
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the stage was stopped, it did not fail (MLflow's own exit says FAILED).
+        mlflow.MlflowClient().set_terminated(run_id, status="KILLED")
+        raise
 
 
 def default_run_name(params: Params) -> str:
