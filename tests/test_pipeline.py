@@ -146,6 +146,26 @@ def test_mlproject_runs_the_pipeline_in_the_launchers_run(project):
     _run(["dvc", "checkout"], project)
 
 
+def test_mlproject_predict_runs_the_champion_on_image_files(project):
+    from PIL import Image
+
+    from alexnet8.dataset import load_split
+
+    images = load_split(project / "data/prepared", "test").images[:2]
+    for index, pixels in enumerate(images):
+        Image.fromarray(np.asarray(pixels)).save(project / f"image{index}.png")
+    uri = "models:/alexnet8-cifar10@champion"
+    command = ["mlflow", "run", ".", "-e", "predict", "--env-manager", "local", "--experiment-name", "predictions"]
+    _run([*command, "-P", "images=image*.png", "-P", f"model_uri={uri}", "-P", "out=predictions.csv"], project)
+    rows = (project / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("file,class,probability,airplane") and [row.split(",")[0] for row in rows[1:]] == [
+        "image0.png",
+        "image1.png",
+    ]
+    for name in ("image0.png", "image1.png", "predictions.csv"):
+        (project / name).unlink()
+
+
 def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
     _run(["dvc", "exp", "run", "-n", "lr-low", "-S", "train.learning_rate=0.0005"], project)
     _run(["git", "checkout", "--", "params.yaml"], project)  # `exp run` leaves its params in the workspace
