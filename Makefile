@@ -5,7 +5,7 @@
 #   make pipeline FETCH_URL=/path/to/cifar-10-binary.tar.gz FETCH_MD5=<its md5>
 # The usual commands afterwards, without activating the environment:
 #   make recipe NAME=recipe-sgd    run a training recipe of recipes/ as a DVC experiment
-#   make ui                        browse the runs in MLflow (http://127.0.0.1:5000)
+#   make ui                        browse the runs in MLflow (the URL it prints)
 
 PYTHON ?= python3
 VENV := .venv
@@ -51,7 +51,9 @@ test: setup
 recipe: setup
 	python -m alexnet8.recipe $(NAME) $(if $(EXP),--name $(EXP)) $(foreach item,$(SET),--set $(item))
 
+# MLflow 3's UI opens in its GenAI view; the workflowType parameter opens the model-training one.
 ui: setup
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	mlflow ui --host 127.0.0.1 --port 5000
 
 lint: setup

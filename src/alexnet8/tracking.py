@@ -73,8 +73,8 @@ def _set_experiment(name: str) -> None:
     if mlflow.get_experiment_by_name(name) is None:
         local = mlflow.get_tracking_uri() == _project_store()
         artifact_location = (project_root() / LOCAL_ARTIFACTS).as_uri() if local else None
-        # The experiment kind is the tag MLflow's UI sets when one picks the kind in its selector;
-        # without it, the UI guesses and may open the GenAI view.
+        # The tag MLflow's UI sets when one picks the experiment's kind; which view opens (GenAI or
+        # model training) is the UI's toggle or its workflowType URL parameter (see `make ui`).
         tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
         with contextlib.suppress(MlflowException):  # created meanwhile by a parallel experiment
             mlflow.create_experiment(name, artifact_location=artifact_location, tags=tags)
