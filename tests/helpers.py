@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from alexnet8.params import with_overrides
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # A shell in which nothing of the project is active: the system's folders only.
@@ -48,13 +50,7 @@ def run_command(command: list[str], cwd: Path, environment: dict[str, str] | Non
 def set_params(path: Path, overrides: dict[str, object], base: Path | None = None) -> Path:
     """Write `base` (default: `path` itself) to `path` with dotted keys set, unknown ones included
     (tests of validation need them): set_params(p, {"train.epochs": 2})."""
-    raw = yaml.safe_load((base or path).read_text())
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target[section]
-        target[key] = value
+    raw = with_overrides(yaml.safe_load((base or path).read_text()), overrides)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 

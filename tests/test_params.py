@@ -7,7 +7,7 @@ import yaml
 from helpers import PROJECT_ROOT
 
 from alexnet8.errors import ParamsError
-from alexnet8.params import load_params, parse_params
+from alexnet8.params import load_params, parse_params, with_overrides
 
 DEFAULTS = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
 
@@ -40,15 +40,11 @@ def test_exponent_notation_is_a_number():
 
 
 def _with(dotted, value):
+    if value is not _DELETE:
+        return with_overrides(DEFAULTS, {dotted: value})
     raw = copy.deepcopy(DEFAULTS)
     *sections, key = dotted.split(".")
-    target = raw
-    for section in sections:
-        target = target[section]
-    if value is _DELETE:
-        del target[key]
-    else:
-        target[key] = value
+    del (raw[sections[0]] if sections else raw)[key]
     return raw
 
 

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alexnet8.errors import DataError  # noqa: E402
-from alexnet8.plot import curves_figure, read_history, save_figure  # noqa: E402
+from alexnet8.errors import DataError
+from alexnet8.plot import curves_figure, read_history, save_figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -47,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"--stage draws one run, got {len(recipes)}")
         save_figure(curves_figure(recipes[0][1]), arguments.out)
         return
-    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure = Figure(figsize=(11, 4.2))
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
     for name, history in recipes:
         epochs = np.arange(1, len(history["loss"]) + 1)
         for axes, metric in ((accuracy_axes, "accuracy"), (loss_axes, "loss")):

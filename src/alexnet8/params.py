@@ -8,6 +8,7 @@ of range stops the pipeline at once with an error naming the key, never an hour 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 from typing import Annotated, Literal
@@ -119,6 +120,21 @@ class Params(_Section):
             else:
                 flat[key] = value
         return flat
+
+
+def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
+    """A copy of loaded params with `section.key` values set, as `dvc exp run -S` sets them. The
+    result is not validated (parse_params does that); a section that does not exist is an error."""
+    merged = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        target = merged
+        for section in sections:
+            if not isinstance(target.get(section), dict):
+                raise ParamsError(f"{dotted}: unknown section {section!r} (see params.yaml)")
+            target = target[section]
+        target[key] = value
+    return merged
 
 
 def _describe(error: dict) -> str:

@@ -23,7 +23,7 @@ import yaml
 
 from alexnet8 import cli
 from alexnet8.errors import ParamsError
-from alexnet8.params import parse_params, read_yaml
+from alexnet8.params import parse_params, read_yaml, with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -42,20 +42,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def _apply(raw_params: dict, overrides: dict[str, object]) -> dict:
-    """`raw_params` with the dotted `overrides` set (sections must exist; keys are checked later)."""
-    merged = yaml.safe_load(yaml.safe_dump(raw_params))  # a deep copy
-    for dotted, value in overrides.items():
-        *sections, key = dotted.split(".")
-        target = merged
-        for section in sections:
-            if not isinstance(target.get(section), dict):
-                raise ParamsError(f"{dotted}: unknown section {section!r} (see params.yaml)")
-            target = target[section]
-        target[key] = value
-    return merged
 
 
 def load_recipe(name: str, folder: str | Path = RECIPES_FOLDER) -> dict[str, object]:
@@ -82,7 +68,7 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 def checked_overrides(overrides: dict[str, object], params_file: str | Path, source: str) -> dict[str, object]:
     """`overrides` after checking that params.yaml with them applied is valid; ParamsError names the bad keys."""
-    parse_params(_apply(read_yaml(params_file), overrides), source=source)
+    parse_params(with_overrides(read_yaml(params_file), overrides), source=source)
     return overrides
 
 
