@@ -1,8 +1,13 @@
-"""Where runs go: the project's own store, also from DVC's temporary experiment workspaces."""
+"""Where runs go: the project's own store, also from DVC's temporary experiment workspaces, and
+after the project was copied or moved."""
+
+import shutil
+from pathlib import Path
 
 import mlflow
+import pytest
 
-from alexnet8 import tracking
+from alexnet8 import local_store, tracking
 
 
 def test_runs_from_a_dvc_temporary_workspace_land_in_the_projects_store(tmp_path, monkeypatch):
@@ -28,3 +33,54 @@ def test_runs_started_in_a_project_land_in_its_own_store(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert client.get_run(record["run_id"]).info.status == "FINISHED"
     assert client.get_experiment_by_name("local").artifact_location == (project / "mlruns").as_uri()
+
+
+def _run_logging_an_artifact(project, monkeypatch, name):
+    """A stage's run in `project`, as a new process would start it: no MLFLOW_TRACKING_URI yet."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(project)
+    with tracking.start_pipeline_run("local", name, project / f"{name}.json") as record:
+        mlflow.log_text(name, f"{name}.txt")
+    return record["run_id"]
+
+
+def _files(folder):
+    return sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.parametrize("how", ["copied", "moved"])
+def test_a_copied_or_moved_project_writes_only_inside_itself_and_keeps_its_runs(tmp_path, monkeypatch, how):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    original = tmp_path / "project"
+    original.mkdir()
+    first = _run_logging_an_artifact(original, monkeypatch, "first")
+    elsewhere = tmp_path / "project2"
+    (shutil.copytree if how == "copied" else shutil.move)(original, elsewhere)
+    before = _files(original) if how == "copied" else None
+
+    second = _run_logging_an_artifact(elsewhere, monkeypatch, "second")
+    if how == "copied":
+        assert _files(original) == before  # nothing written into the original
+    else:
+        assert not original.exists()  # the old folder is not recreated
+    client = mlflow.MlflowClient(local_store.store_uri(elsewhere))
+    for run_id, name in ((first, "first"), (second, "second")):
+        assert client.get_run(run_id).info.artifact_uri.startswith((elsewhere / "mlruns").as_uri())
+        downloaded = client.download_artifacts(run_id, f"{name}.txt", str(tmp_path))
+        assert Path(downloaded).read_text() == name  # the old run stays browsable
+    assert local_store.keep_inside(elsewhere) == 0  # done once
+
+
+def test_only_paths_under_the_old_project_root_are_rewritten(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    project = tmp_path / "project"
+    project.mkdir()
+    _run_logging_an_artifact(project, monkeypatch, "first")
+    # An experiment whose artifacts were put, by hand, in a sibling whose name extends the project's.
+    sibling = (tmp_path / "project-2" / "mlruns").as_uri()
+    mlflow.MlflowClient(local_store.store_uri(project)).create_experiment("elsewhere", artifact_location=sibling)
+    shutil.move(project, tmp_path / "moved")
+    assert local_store.keep_inside(tmp_path / "moved") > 0
+    client = mlflow.MlflowClient(local_store.store_uri(tmp_path / "moved"))
+    assert client.get_experiment_by_name("elsewhere").artifact_location == sibling
+    assert client.get_experiment_by_name("local").artifact_location == (tmp_path / "moved" / "mlruns").as_uri()

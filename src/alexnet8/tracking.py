@@ -33,6 +33,7 @@ from mlflow.data import dataset_source_registry
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
+from alexnet8 import local_store
 from alexnet8.errors import PipelineError
 from alexnet8.files import write_json
 from alexnet8.params import Params
@@ -41,38 +42,24 @@ logger = logging.getLogger(__name__)
 
 
 SERVER_TIMEOUT_SECONDS = 5
-LOCAL_STORE = "mlflow.db"
-LOCAL_ARTIFACTS = "mlruns"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
-def project_root(folder: str | Path | None = None) -> Path:
-    """The project a stage runs for: `folder` (default: the working folder), or, inside a DVC
-    temporary experiment workspace (<project>/.dvc/tmp/exps/...), the project it belongs to."""
-    folder = Path(folder or Path.cwd()).resolve()
-    parts = folder.parts
-    for index in range(len(parts) - 2):
-        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:index])
-    return folder
-
-
-def _project_store() -> str:
-    return f"sqlite:///{project_root() / LOCAL_STORE}"
-
-
 def use_project_store() -> None:
-    """Log to the project root's local store unless MLFLOW_TRACKING_URI says otherwise."""
+    """Log to the project root's local store unless MLFLOW_TRACKING_URI says otherwise; a store
+    copied or moved with the project is first made to keep its artifacts inside it."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(_project_store())  # which also sets MLFLOW_TRACKING_URI
+        local_store.keep_inside(local_store.project_root())
+        mlflow.set_tracking_uri(local_store.store_uri())  # which also sets MLFLOW_TRACKING_URI
 
 
 def _set_experiment(name: str) -> None:
     """Set the experiment, creating it if needed: in the local store its artifacts go to
     <project root>/mlruns, and MLflow's UI opens it as a model-training experiment."""
     if mlflow.get_experiment_by_name(name) is None:
-        local = mlflow.get_tracking_uri() == _project_store()
-        artifact_location = (project_root() / LOCAL_ARTIFACTS).as_uri() if local else None
+        local = mlflow.get_tracking_uri() == local_store.store_uri()
+        root = local_store.project_root()
+        artifact_location = (root / local_store.ARTIFACTS_FOLDER).as_uri() if local else None
         # The tag MLflow's UI sets when one picks the experiment's kind; which view opens (GenAI or
         # model training) is the UI's toggle or its workflowType URL parameter (see `make ui`).
         tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
