@@ -38,3 +38,16 @@ def test_every_layer_and_the_whole_step_are_timed(layer_profile, default_params)
     lines = layer_profile.table(rows, step, batch_size=4).splitlines()
     assert len(lines) == 2 + len(rows) + 2
     assert lines[-1].startswith("| whole training step |") and "images/s" in lines[-1]
+
+
+def test_the_serving_bench_reports_images_per_second_and_percentiles():
+    serving_speed = load_script("bench/serving_speed.py")
+    calls = []
+    timing = serving_speed.time_calls("path", 256, 4, lambda: calls.append(1))
+    assert len(calls) == serving_speed.WARM_UP_CALLS + 4 and len(timing.seconds) == 4
+    timing = serving_speed.Timing("HTTP /invocations", 256, [0.5, 0.5, 1.0, 2.0])
+    assert timing.images_per_second == 256 * 4 / 4.0
+    assert timing.percentile_ms(50) == 750 and 1950 < timing.percentile_ms(99) < 2000
+    lines = serving_speed.table([timing]).splitlines()
+    assert lines[0] == "| path | batch | calls | images/s | p50 ms | p99 ms |"
+    assert lines[2] == "| HTTP /invocations | 256 | 4 | 256.0 | 750.0 | 1,970.0 |"

@@ -13,6 +13,14 @@ Input: uint8 (or integral 0-255 float) pixels, shape (n, 32, 32, 3), RGB, n from
 MAX_IMAGES. Output: one row per image, the column `class` (the most probable class name) and
 one column per class name holding its probability. Over HTTP (`/invocations`, JSON
 `{"inputs": [image, ...]}`), that is `{"predictions": [{"class": "cat", "airplane": 0.01, ...}, ...]}`.
+
+Over HTTP, MLflow's scoring server casts the JSON to the signature's uint8 before the model sees
+it (`np.array(data, dtype=uint8)`): floats lose their fraction (12.7 becomes 12), numeric strings
+and booleans pass; values outside 0-255, NaN, other strings, an empty batch and shapes other than
+(n, 32, 32, 3) are refused there, with HTTP 400 and MLflow's messages. The model itself refuses a
+batch of more than MAX_IMAGES, after the server has parsed the whole request. MLflow's error
+messages embed the input's repr, so `load_context` makes NumPy print large arrays in a few short
+lines (`[[0 ... 0] ... [0 ... 0]]`): process-wide, in any process that loads this model.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 IMAGE_SHAPE = (32, 32, 3)
-MAX_IMAGES = 1024  # per request: a larger batch is refused rather than held in memory at once
+MAX_IMAGES = 1024  # per request: bounds a prediction's memory (probabilities, batches), not the request's
 PREDICT_BATCH = 256  # images per forward pass
 
 

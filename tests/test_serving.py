@@ -1,0 +1,284 @@
+"""The registered champion served by `mlflow models serve`, over real HTTP on 127.0.0.1.
+
+One small AlexNet8 (dense_units=64, trained for 8 epochs on the tiny archive) is logged with
+`log_classifier`, registered as `alexnet8-cifar10`, promoted to `champion` and served once for
+the module, from the activated environment as the README tells users to run `mlflow`.
+
+The answer to `POST /invocations` with `{"inputs": [image, ...]}` (or `{"instances": ...}`), each
+image a 32 x 32 x 3 nested list of 0-255 numbers, is, one object per image, in request order:
+
+    {"predictions": [{"class": "frog", "airplane": 0.0123, "automobile": 0.0045, ..., "truck": 0.0311}, ...]}
+
+`class` first, then one probability (a JSON number, float64) per class name in dataset.json's
+order; the probabilities of an image sum to 1.
+
+A bad request gets a 4xx whose JSON body `{"error_code": ..., "message": ...}` is short and says
+what is wrong, and the server goes on answering. Where MLflow itself falls short (the model never
+sees the request), the test is a strict xfail naming the upstream cause.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+import requests
+from helpers import activated_environment
+
+from alexnet8.classifier_model import MAX_IMAGES
+from alexnet8.dataset import load_split
+from alexnet8.model import build_alexnet8
+from alexnet8.model_tracking import log_classifier
+from alexnet8.preprocess import CLASS_NAMES
+from alexnet8.registry import CHAMPION, promote
+
+pytestmark = pytest.mark.slow
+
+REGISTERED_NAME = "alexnet8-cifar10"
+STARTUP_SECONDS = 180  # importing TensorFlow and loading the model, on a loaded 2-core machine
+REQUEST_SECONDS = 120
+SHORT = 1024  # bytes: an error body must say what is wrong without echoing the request
+IMAGES = 16  # test images per good request
+JSON = "application/json"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End the server's process group (`mlflow models serve` and the uvicorn it starts)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=20)
+
+
+class Server:
+    def __init__(self, url: str, log: Path):
+        self.url = url
+        self.log = log
+        self.session = requests.Session()
+
+    def post(self, body: bytes | str, content_type: str | None = JSON) -> requests.Response:
+        headers = {} if content_type is None else {"Content-Type": content_type}
+        data = body.encode() if isinstance(body, str) else body
+        return self.session.post(f"{self.url}/invocations", data=data, headers=headers, timeout=REQUEST_SECONDS)
+
+    def predict(self, payload: dict) -> list[dict]:
+        response = self.post(json.dumps(payload))
+        assert response.status_code == 200, f"{response.text[:2000]}\nserver log:\n{self.log.read_text()[-5000:]}"
+        return response.json()["predictions"]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_dir, tmp_path_factory):
+    """A small AlexNet8 trained until it tells the tiny archive's classes apart (dense_units=16 or
+    dropout collapse to one class at near-uniform probabilities, where a last-digit difference could
+    flip the argmax); (folder, network)."""
+    folder = tmp_path_factory.mktemp("served")
+    train = load_split(prepared_dir, "train")
+    keras.utils.set_random_seed(0)
+    network = build_alexnet8(dense_units=64, dropout=0.0)
+    network.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    network.fit(np.asarray(train.images), np.asarray(train.labels), epochs=8, batch_size=16, verbose=0)
+    network.save(folder / "model.keras")
+    (folder / "dataset.json").write_text(json.dumps({"class_names": list(CLASS_NAMES)}))
+    return folder, network
+
+
+@pytest.fixture(scope="module")
+def server(trained, prepared_dir):
+    """The registered champion behind `mlflow models serve` on a free 127.0.0.1 port."""
+    folder, _ = trained
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
+        with mlflow.start_run():
+            logged = log_classifier(
+                folder / "model.keras",
+                folder / "dataset.json",
+                list(CLASS_NAMES),
+                np.asarray(load_split(prepared_dir, "test").images[:2]),
+                "served",
+                step=0,
+                registered_model_name=REGISTERED_NAME,
+            )
+        assert promote(REGISTERED_NAME, str(logged.registered_model_version), test_accuracy=0.1)
+        mlflow.set_tracking_uri(None)
+
+    port = free_port()
+    log = folder / "server.log"
+    command = ["mlflow", "models", "serve", "-m", f"models:/{REGISTERED_NAME}@{CHAMPION}"]
+    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            command,
+            cwd=folder,
+            env=activated_environment(MLFLOW_TRACKING_URI=tracking_uri),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() ends uvicorn too
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"mlflow models serve exited ({process.returncode}):\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow models serve did not answer /ping in {STARTUP_SECONDS} s:\n{log.read_text()}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        yield Server(url, log)
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def test_images(prepared_dir) -> np.ndarray:
+    """The first test images: raw uint8 pixels, as the archive has them."""
+    return np.array(load_split(prepared_dir, "test").images[:IMAGES])
+
+
+def in_process(network: keras.Model, images: np.ndarray) -> tuple[list[str], np.ndarray]:
+    probabilities = network.predict(images, batch_size=len(images), verbose=0)
+    return [CLASS_NAMES[index] for index in probabilities.argmax(axis=1)], probabilities
+
+
+def test_the_champion_answers_with_the_in_process_models_classes_and_probabilities(server, trained, test_images):
+    expected_classes, expected_probabilities = in_process(trained[1], test_images)
+    predictions = server.predict({"inputs": test_images.tolist()})
+
+    assert len(predictions) == IMAGES
+    for row in predictions:
+        assert list(row) == ["class", *CLASS_NAMES]  # this order, nothing else
+        assert isinstance(row["class"], str) and all(isinstance(row[name], float) for name in CLASS_NAMES)
+    assert [row["class"] for row in predictions] == expected_classes
+    probabilities = np.array([[row[name] for name in CLASS_NAMES] for row in predictions])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(probabilities, expected_probabilities, atol=1e-5)
+    assert len(set(expected_classes)) > 1  # a model that answers one class would prove little
+
+    assert server.predict({"instances": test_images.tolist()}) == predictions  # the row-wise key too
+
+
+def test_pixels_sent_as_floats_give_the_same_answer(server, test_images):
+    as_integers = server.predict({"inputs": test_images.tolist()})
+    as_floats = server.predict({"inputs": test_images.astype(np.float64).tolist()})  # 12.0, not 12
+    assert [row["class"] for row in as_floats] == [row["class"] for row in as_integers]
+    assert as_floats == as_integers
+
+
+def test_a_batch_of_one_image_and_of_max_images_are_answered(server, test_images):
+    assert len(server.predict({"inputs": test_images[:1].tolist()})) == 1
+    one = json.dumps(test_images[0].tolist())
+    response = server.post('{"inputs": [' + ",".join([one] * MAX_IMAGES) + "]}")
+    assert response.status_code == 200 and len(response.json()["predictions"]) == MAX_IMAGES
+
+
+def images_json(count: int, value: object = 0, shape: tuple[int, ...] = (32, 32, 3)) -> str:
+    """`{"inputs": [...]}` of `count` images of `shape` filled with `value`, built as text: one image
+    encoded once and repeated, so a batch of thousands costs no more than joining strings."""
+    one = json.dumps(np.full(shape, value, dtype=object).tolist())
+    return '{"inputs": [' + ",".join([one] * count) + "]}"
+
+
+def test_the_server_casts_pixels_as_the_signature_says_before_the_model_sees_them(server):
+    """What the module docstring of classifier_model.py tells: fractions are cut, numeric strings pass."""
+    twelve = server.predict(json.loads(images_json(1, 12)))
+    assert server.predict(json.loads(images_json(1, 12.7))) == twelve
+    assert server.predict(json.loads(images_json(1, "12"))) == twelve
+
+
+MISSING_CONTENT_TYPE = pytest.mark.xfail(
+    strict=True,
+    reason="MLflow's scoring server calls content_type.split() on a missing header (None): an "
+    "AttributeError outside its error handling, so Starlette answers 500 'Internal Server Error' "
+    "(mlflow/pyfunc/scoring_server/__init__.py, invocations; the 500-vs-400 family of mlflow/mlflow#4897)",
+)
+ECHOED_BODY = pytest.mark.xfail(
+    strict=True,
+    reason="MLflow's _decode_json_input puts the whole undecodable body into its message "
+    "('Input: \\n{json_input}'): a broken 64-image request comes back as ~1 MB",
+)
+
+# name: (the body, built when the test runs; content type or None for no header; expected status; what the message says)
+BAD_REQUESTS = {
+    "shape (1, 32, 32)": (lambda: images_json(1, shape=(32, 32)), JSON, 400, "Shape of input (1, 32, 32)"),
+    "shape (1, 28, 28, 3)": (lambda: images_json(1, shape=(28, 28, 3)), JSON, 400, "Shape of input (1, 28, 28, 3)"),
+    "one image, no batch": (
+        lambda: f'{{"inputs": {json.dumps(np.zeros((32, 32, 3), int).tolist())}}}',
+        JSON,
+        400,
+        "(32, 32, 3)",
+    ),
+    "strings": (lambda: images_json(1, "abc"), JSON, 400, "invalid literal for int() with base 10: 'abc'"),
+    "NaN": (lambda: images_json(1, float("nan")), JSON, 400, "cannot convert float NaN to integer"),
+    "300": (lambda: images_json(1, 300), JSON, 400, "300 out of bounds for uint8"),
+    "-1": (lambda: images_json(1, -1), JSON, 400, "-1 out of bounds for uint8"),
+    "300.0": (lambda: images_json(1, 300.0), JSON, 400, "300 out of bounds for uint8"),
+    # 10,000 images take ~45 s to refuse (MLflow parses and deep-copies the whole body first): one more is enough.
+    "MAX_IMAGES + 1 images": (
+        lambda: images_json(MAX_IMAGES + 1),
+        JSON,
+        400,
+        f"expected 1 to {MAX_IMAGES} images per request, got {MAX_IMAGES + 1}",
+    ),
+    "an empty batch": (lambda: images_json(0), JSON, 400, "an input of type <class 'list'> was found"),
+    "malformed JSON": (lambda: '{"inputs": [[[', JSON, 400, "Ensure that input is a valid JSON"),
+    "malformed JSON, 64 images": (lambda: images_json(64)[:-1], JSON, 400, "Ensure that input is a valid JSON"),
+    "text/plain": (lambda: images_json(1), "text/plain", 415, "only supports the following content types"),
+    "no content type": (lambda: images_json(1), None, 415, "content type"),
+}
+EXPECTED_FAILURES = {"no content type": MISSING_CONTENT_TYPE, "malformed JSON, 64 images": ECHOED_BODY}
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [pytest.param(*case, id=name, marks=EXPECTED_FAILURES.get(name, ())) for name, case in BAD_REQUESTS.items()],
+)
+def test_a_bad_request_gets_a_short_4xx_and_the_server_goes_on(server, test_images, body, content_type, status, says):
+    response = server.post(body(), content_type=content_type)
+    assert response.status_code == status, response.text[:2000]
+    assert len(response.content) < SHORT, (
+        f"{len(response.content)} bytes: {response.text[:300]}...{response.text[-300:]}"
+    )
+    message = response.json()["message"] if "json" in response.headers["content-type"] else response.text
+    assert says in message, message
+    assert len(server.predict({"inputs": test_images[:1].tolist()})) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MLflow parses {'inputs': []} as a list of records (all() of nothing is True) and its "
+    "schema check refuses 'an input of type list' before the model, whose message would say the "
+    "batch is empty (mlflow/utils/proto_json_utils.py, _cast_schema_type)",
+)
+def test_an_empty_batch_is_refused_as_empty(server):
+    response = server.post(images_json(0))
+    assert response.status_code == 400 and "got 0" in response.json()["message"]
+
+
+def test_the_server_still_answers_after_all_the_bad_requests(server, trained, test_images):
+    expected_classes, _ = in_process(trained[1], test_images)
+    assert [row["class"] for row in server.predict({"inputs": test_images.tolist()})] == expected_classes
