@@ -209,7 +209,7 @@ def test_model_files_are_loaded_in_safe_mode(tmp_path):
     outputs = keras.layers.Lambda(lambda x: x * 2)(inputs)  # arbitrary Python code in the model file
     path = tmp_path / "lambda.keras"
     keras.Model(inputs, outputs).save(path)
-    with pytest.raises(DataError, match="lambda.keras: cannot load the model"):
+    with pytest.raises(DataError, match="lambda.keras: Keras safe mode refuses the code this model file holds"):
         load_trained_model(path)
 
 
@@ -256,3 +256,70 @@ def test_an_interrupted_stage_other_than_train_does_not_talk_about_training():
     result = subprocess.run([sys.executable, "-c", stage], capture_output=True, text=True, timeout=60)
     assert result.returncode == 130
     assert "interrupted; nothing half-written was left" in result.stderr and "training" not in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "empty"])
+def test_a_damaged_model_file_says_what_is_wrong_not_safe_mode(tmp_path, damage):
+    from alexnet8.model import build_alexnet8
+
+    path = tmp_path / "model.keras"
+    build_alexnet8(dense_units=8).save(path)
+    content = path.read_bytes()
+    path.write_bytes(
+        {"truncated": content[: len(content) // 2], "overwritten": b"x" * len(content), "empty": b""}[damage]
+    )
+    with pytest.raises(DataError, match=r"model.keras is not a Keras model file \(damaged or cut short\?\): restore"):
+        load_trained_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same size"])
+def test_a_damaged_prepared_array_is_named_with_the_fix(prepared_dir, tmp_path, damage):
+    import shutil
+
+    shutil.copytree(prepared_dir, tmp_path / "prepared")
+    path = tmp_path / "prepared" / "train_images.npy"
+    content = bytearray(path.read_bytes())
+    if damage == "truncated":
+        del content[-100:]
+    else:
+        content[-100:] = bytes(100)  # same size, other pixels: only the md5 tells
+    path.write_bytes(bytes(content))
+    with pytest.raises(DataError, match=r"train_images.npy is damaged .*`dvc checkout .*prepared`"):
+        load_split(tmp_path / "prepared", "train")
+
+
+def test_a_damaged_mlflow_store_is_named_before_any_work(tmp_path, monkeypatch):
+    from alexnet8 import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    with tracking.start_pipeline_run("local", "first", project / "run.json"):
+        pass
+    database = project / "mlflow.db"
+    content = bytearray(database.read_bytes())
+    content[100:4096] = b"\xff" * (4096 - 100)  # the first page's b-tree: garbage
+    database.write_bytes(bytes(content))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"mlflow.db is damaged .*mv .*mlflow.db .*mlflow.db.damaged"):
+        with tracking.start_pipeline_run("local", "second", project / "run2.json"):
+            pass
+    assert time.monotonic() - started < 5
+
+
+def test_a_full_disk_in_preprocess_names_the_folder_and_the_space_needed(tiny_archive, tmp_path, monkeypatch):
+    import errno
+
+    from alexnet8 import preprocess
+    from alexnet8.params import PreprocessParams
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(preprocess.np, "save", full)
+    params = PreprocessParams(validation_fraction=0.1, normalization="unit")
+    with pytest.raises(DataError, match=rf"no space left on the device of {tmp_path}: the prepared data needs \d+ MB"):
+        preprocess.preprocess(tiny_archive[0], tmp_path / "prepared", params, seed=1)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

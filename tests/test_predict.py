@@ -282,6 +282,7 @@ def test_model_uri_replaces_model_and_data(capsys):
 def test_an_mlflow_model_uri_gives_what_the_keras_file_gives(images, workspace, tmp_path):
     """The tiny model logged and registered as the train stage does, then predicted by alias."""
     model, data = workspace
+    mlflow.set_experiment("predict")  # not an experiment another test left active in another store
     with mlflow.start_run():
         logged = log_classifier(
             model, data / DATASET_FILE, CLASS_NAMES, np.zeros((2, 32, 32, 3), np.uint8), "tiny", 0, "alexnet8-tiny"

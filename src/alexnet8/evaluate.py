@@ -12,6 +12,7 @@ beats the `champion` on test accuracy, the champion (registry.py).
 from __future__ import annotations
 
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,12 +38,17 @@ def load_trained_model(path: str | Path) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} not found: run the train stage first")
+    if not zipfile.is_zipfile(path):  # a .keras file is a zip archive
+        raise DataError(
+            f"{path} is not a Keras model file (damaged or cut short?): restore it with `dvc checkout {path}`, "
+            "or run the train stage again"
+        )
     try:
         return keras.models.load_model(path, safe_mode=True)
-    except (ValueError, OSError) as error:
-        raise DataError(
-            f"{path}: cannot load the model (Keras safe mode refuses code in model files): {error}"
-        ) from None
+    except (ValueError, OSError, KeyError, zipfile.BadZipFile) as error:
+        if "safe_mode" in str(error):
+            raise DataError(f"{path}: Keras safe mode refuses the code this model file holds: {error}") from None
+        raise DataError(f"{path}: cannot load the model: {error}") from None
 
 
 def evaluate_model(

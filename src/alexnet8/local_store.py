@@ -1,7 +1,8 @@
 """The project's own MLflow store: `mlflow.db` and the artifacts in `mlruns/`, both in the project root.
 
-Reads and writes: `<project root>/mlflow.db`, only to rewrite the artifact paths it holds after
-the project was copied or moved (`keep_inside`).
+Reads and writes: `<project root>/mlflow.db`: checks it with SQLite's own quick check before a
+stage logs into it, and rewrites the artifact paths it holds after the project was copied or
+moved (`keep_inside`).
 
 MLflow records artifact locations as absolute paths. A project copied with `cp -a` would go on
 writing its artifacts and models into the original's `mlruns/`, and a moved one would recreate
@@ -17,6 +18,8 @@ import logging
 import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from alexnet8.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +68,30 @@ def _prefixes(root: Path) -> list[str]:
     return [artifacts.as_uri(), str(artifacts)]  # MLflow keeps both forms
 
 
+def _damaged(database: Path, problem: str) -> PipelineError:
+    return PipelineError(
+        f"{database} is damaged ({problem}): MLflow cannot record runs in it. Move it aside "
+        f"(`mv {database} {database}.damaged`): the next stage starts a new store; the artifacts in "
+        f"{database.parent / ARTIFACTS_FOLDER} stay, the old runs' records are lost"
+    )
+
+
 def keep_inside(root: Path) -> int:
-    """Rewrite the store's artifact paths under an old project root to this `root`; returns how many."""
+    """Check the store, then rewrite its artifact paths under an old project root to this `root`;
+    returns how many. A damaged store raises PipelineError naming it, before any work is done."""
     database = root / STORE_FILE
     if not database.is_file():
         return 0
     # closing(): sqlite3's own context manager commits (or rolls back) but leaves the file open.
     with contextlib.closing(sqlite3.connect(database, timeout=60)) as connection, connection:
-        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        try:
+            # SQLite's own check of the file's structure: milliseconds on a project's store.
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as error:
+            raise _damaged(database, str(error)) from None
+        if problems != ["ok"]:
+            raise _damaged(database, "; ".join(problems[:3]))
         if "experiments" not in tables:
             return 0
         rewritten = 0

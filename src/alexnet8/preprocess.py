@@ -14,7 +14,9 @@ The archive is read with numpy from its binary records (1 label byte, then 1024 
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
 import tarfile
 import zlib
 from collections.abc import Sequence
@@ -152,15 +154,25 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
         "archive_md5": raw.archive_md5,
         "seed": seed,
     }
-    with atomic_directory(out_dir) as temporary:
-        digests = {}
-        for name in SPLITS:
-            images, labels = splits[name]
-            for file_name, array in ((image_file(name), images), (label_file(name), labels)):
-                np.save(temporary / file_name, array)
-                digests[file_name] = file_md5(temporary / file_name)
-        description["md5"] = digests
-        write_json(temporary / DATASET_FILE, description)
+    needed = sum(images.nbytes + labels.nbytes for images, labels in splits.values())
+    try:
+        with atomic_directory(out_dir) as temporary:
+            digests = {}
+            for name in SPLITS:
+                images, labels = splits[name]
+                for file_name, array in ((image_file(name), images), (label_file(name), labels)):
+                    np.save(temporary / file_name, array)
+                    digests[file_name] = file_md5(temporary / file_name)
+            description["md5"] = digests
+            write_json(temporary / DATASET_FILE, description)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        folder = Path(out_dir).resolve().parent
+        raise DataError(
+            f"no space left on the device of {folder}: the prepared data needs {needed / 1e6:.0f} MB "
+            f"({shutil.disk_usage(folder).free / 1e6:.0f} MB free now); nothing was written"
+        ) from None
     logger.info(
         "wrote %s: %s images, normalization %s",
         out_dir,
