@@ -64,6 +64,7 @@ TRACKING_DATABASE = "mlflow"
 AUTH_DATABASE = "mlflow_auth"
 DVC_REMOTE = "stack"
 MLFLOW_WORKERS = 2  # uvicorn workers; the machines this runs on have 2 cores
+AUTH_CACHE_SECONDS = 60  # how long an MLflow worker trusts a password it checked (basic_auth.ini)
 # SeaweedFS' internal servers listen on the ports after the S3 port, and on those + 10000 for gRPC.
 SEAWEEDFS_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3}
 GRPC_OFFSET = 10000
@@ -152,12 +153,13 @@ class Secrets:
 
     @classmethod
     def generate(cls) -> Secrets:
+        # Hex: safe unquoted in URLs, ini and TOML files, shell `export` lines and command lines.
         return cls(
-            postgres_password=secrets.token_urlsafe(24),
-            database_password=secrets.token_urlsafe(24),
-            admin_password=secrets.token_urlsafe(24),
+            postgres_password=secrets.token_hex(16),
+            database_password=secrets.token_hex(16),
+            admin_password=secrets.token_hex(16),
             s3_access_key="AK" + secrets.token_hex(9).upper(),
-            s3_secret_key=secrets.token_urlsafe(30),
+            s3_secret_key=secrets.token_hex(20),
             flask_secret_key=secrets.token_hex(32),
             seaweedfs_jwt_keys=[secrets.token_hex(24) for _ in range(4)],
         )
@@ -267,6 +269,7 @@ class Stack:
         self.pid_file(component).unlink(missing_ok=True)
         if pid is None:
             return False
+        started = time.monotonic()
         family = process_family(pid)
         os.kill(pid, SIGNALS[component])
         deadline = time.monotonic() + STOP_TIMEOUT
@@ -278,7 +281,7 @@ class Stack:
             for process_id in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process_id, signal.SIGKILL)
-        logger.info("stopped %s (pid %d)", component, pid)
+        logger.info("stopped %s (pid %d) in %.1f s", component, pid, time.monotonic() - started)
         return True
 
     def wait_until_up(self, component: str, process, check) -> None:
@@ -293,6 +296,7 @@ class Stack:
                 raise StackError(self.failure(component, f"it exited with status {process.returncode}"))
             try:
                 check()
+                logger.info("%s answers, %.1f s after its start", component, timeout - (deadline - time.monotonic()))
                 return
             except Exception as error:  # each check's own errors: connection refused, not ready, ...
                 last_error = f"{type(error).__name__}: {error}"
@@ -483,6 +487,7 @@ class Stack:
             f"-master.port={ports['master']}",
             f"-master.port.grpc={ports['master.grpc']}",
             "-master.telemetry=false",  # no usage reports sent anywhere
+            "-master.electionTimeout=1s",  # a single master: elect itself at once after a restart
             "-master.volumeSizeLimitMB=1024",
             "-volume.max=0",  # as many volumes as the free disk space holds
             f"-volume.port={ports['volume']}",
@@ -589,7 +594,11 @@ class Stack:
             f"database_uri = {self.database_uri(AUTH_DATABASE)}\n"
             f"admin_username = {ADMIN_USER}\n"
             f"admin_password = {self.secrets.admin_password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "# Each password check costs ~0.3 s of CPU (PBKDF2) on every request; a worker remembers a\n"
+            "# successful one this long. A password changed through the API is dropped at once by the\n"
+            "# worker that handled the change, by the other worker within this time (docs/team.md).\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n",
         )
 
     def database_uri(self, database: str) -> str:

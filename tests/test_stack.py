@@ -208,7 +208,8 @@ def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
         "figures/confusion_matrix.png",
     }
     models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
-    assert len(models) == 1, models
+    # One model; a try that failed to upload it stays listed as FAILED.
+    assert [str(model.status) for model in models if str(model.status) != "FAILED"] == ["READY"], models
 
 
 # The stack and its state -------------------------------------------------------------------------
@@ -515,8 +516,13 @@ def test_object_store_down_when_the_model_is_logged_then_the_rerun_logs_it(stack
     stack.crash("seaweedfs")
     returncode, output = _finish(process, log)
     assert returncode != 0, output
-    assert "ERROR: failed to reproduce 'train'" in output, output
-    print(output[-3000:])
+    assert re.search(
+        r"ERROR alexnet8: the model is trained and saved in models/model.keras, but logging it to MLflow at "
+        r"http://127.0.0.1:\d+ failed: .*too many 500 error responses.*Once the server and its artifact store "
+        r"answer again, run `dvc repro`",
+        output,
+    ), output
+    assert "Traceback" not in output, output
     assert (faulty / "models/model.keras").is_file()  # the trained model, saved before it was logged
     [checkpoint] = (faulty / "checkpoints").iterdir()  # and the state to resume from
     assert stack.client().get_run(run_id).info.status == "FAILED"
@@ -538,7 +544,7 @@ LOAD_METRICS = 16
 LOAD_CLIENT = (
     textwrap.dedent(
         """
-    import sys, time
+    import json, sys, time
     import mlflow
     import numpy as np
 
@@ -547,6 +553,13 @@ LOAD_CLIENT = (
             return np.asarray(model_input).mean(axis=1)
 
     index = int(sys.argv[1])
+    started = time.time()
+    # Created first, then set, as alexnet8.tracking does: mlflow.set_experiment alone, losing the race
+    # to create it, returns without setting it, and the run lands in the Default experiment.
+    try:
+        mlflow.create_experiment("load")
+    except mlflow.exceptions.MlflowException:
+        pass
     mlflow.set_experiment("load")
     with mlflow.start_run(run_name=f"client-{index}") as run:
         mlflow.log_params({f"param_{k}": k * index for k in range(20)})
@@ -554,7 +567,7 @@ LOAD_CLIENT = (
             metrics = {f"metric_{k}": epoch + k / 100 for k in range(LOAD_METRICS)}
             mlflow.log_metrics(metrics, step=epoch, synchronous=True)
         mlflow.pyfunc.log_model(name="model", python_model=Mean(), pip_requirements=["numpy"])
-    print(run.info.run_id)
+    print(json.dumps({"run_id": run.info.run_id, "started": started, "ended": time.time()}))
     """
     )
     .replace("LOAD_EPOCHS", str(LOAD_EPOCHS))
@@ -580,10 +593,15 @@ def test_eight_clients_at_once_lose_nothing(stack, tmp_path):
     ]
     outputs = [client.communicate(timeout=600) for client in clients]
     elapsed = time.monotonic() - started
-    print(f"{CLIENTS} clients, each {LOAD_EPOCHS} epochs x {LOAD_METRICS} metrics, 20 params, a model: {elapsed:.1f} s")
     assert all(client.returncode == 0 for client in clients), outputs
+    reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    logging = max(report["ended"] for report in reports) - min(report["started"] for report in reports)
+    print(
+        f"{CLIENTS} clients at once, each a run of {LOAD_EPOCHS} epochs x {LOAD_METRICS} metrics, 20 params and a "
+        f"model: {elapsed:.1f} s from their start to the last one's end, {logging:.1f} s of it logging (after imports)"
+    )
     client = stack.client()
-    run_ids = {stdout.strip().splitlines()[-1] for stdout, _ in outputs}
+    run_ids = {report["run_id"] for report in reports}
     assert len(run_ids) == CLIENTS
     experiment = client.get_experiment_by_name("load")
     for run_id in run_ids:
