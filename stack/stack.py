@@ -98,10 +98,11 @@ class Settings:
         for field in fields(cls):
             raw = os.environ.get(f"STACK_{field.name.upper()}")
             values[field.name] = type(getattr(defaults, field.name))(raw) if raw else getattr(defaults, field.name)
-        settings = cls(**values)
-        if not settings.public_host:
-            settings.public_host = socket.getfqdn() if settings.host in ("0.0.0.0", "::") else settings.host
-        return settings
+        return cls(**values)
+
+    def __post_init__(self):
+        if not self.public_host:
+            self.public_host = socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host
 
     @property
     def tracking_uri(self) -> str:
@@ -478,33 +479,7 @@ class Stack:
             host = self.settings.host if name == "s3" else "127.0.0.1"
             ensure_free(f"seaweedfs ({name})", host, port, "STACK_S3_PORT")
         self.write_seaweedfs_config(folder)
-        command = [
-            seaweedfs_program(),
-            "server",
-            f"-dir={folder / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",  # its master, volume and filer servers: this machine only
-            f"-master.port={ports['master']}",
-            f"-master.port.grpc={ports['master.grpc']}",
-            "-master.telemetry=false",  # no usage reports sent anywhere
-            "-master.electionTimeout=1s",  # a single master: elect itself at once after a restart
-            "-master.volumeSizeLimitMB=1024",
-            "-volume.max=0",  # as many volumes as the free disk space holds
-            f"-volume.port={ports['volume']}",
-            f"-volume.port.grpc={ports['volume.grpc']}",
-            "-volume.preStopSeconds=1",
-            "-filer",
-            f"-filer.port={ports['filer']}",
-            f"-filer.port.grpc={ports['filer.grpc']}",
-            "-s3",
-            f"-s3.ip.bind={self.settings.host}",
-            f"-s3.port={ports['s3']}",
-            f"-s3.port.grpc={ports['s3.grpc']}",
-            f"-s3.config={folder / 's3.json'}",  # the keys; requests without them are refused
-            "-s3.iam=false",
-            "-s3.port.iceberg=0",
-            "-s3.port.lance=0",
-        ]
+        command = [seaweedfs_program(), "server", *seaweedfs_server_arguments(self.settings, folder)]
         # `weed` reads security.toml from its working folder.
         process = self.start_process("seaweedfs", command, server_environment(), folder)
         logger.info(
@@ -671,6 +646,37 @@ class Stack:
         logger.info(
             "DVC remote `%s` (%s) in %s", DVC_REMOTE, self.settings.dvc_remote_url, project / ".dvc/config.local"
         )
+
+
+def seaweedfs_server_arguments(settings: Settings, folder: Path) -> list[str]:
+    """`weed server`'s options: master, volume and filer servers on 127.0.0.1 only, the S3 gateway
+    on `settings.host` with the keys of `folder/s3.json`; compose.yaml gives the same ones."""
+    ports = settings.seaweedfs_ports()
+    return [
+        f"-dir={folder / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",  # its master, volume and filer servers: this machine only
+        f"-master.port={ports['master']}",
+        f"-master.port.grpc={ports['master.grpc']}",
+        "-master.telemetry=false",  # no usage reports sent anywhere
+        "-master.electionTimeout=1s",  # a single master: elect itself at once after a restart
+        "-master.volumeSizeLimitMB=1024",
+        "-volume.max=0",  # as many volumes as the free disk space holds
+        f"-volume.port={ports['volume']}",
+        f"-volume.port.grpc={ports['volume.grpc']}",
+        "-volume.preStopSeconds=1",
+        "-filer",
+        f"-filer.port={ports['filer']}",
+        f"-filer.port.grpc={ports['filer.grpc']}",
+        "-s3",
+        f"-s3.ip.bind={settings.host}",
+        f"-s3.port={ports['s3']}",
+        f"-s3.port.grpc={ports['s3.grpc']}",
+        f"-s3.config={folder / 's3.json'}",  # the keys; requests without them are refused
+        "-s3.iam=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+    ]
 
 
 def mlflow_server_arguments(settings: Settings, backend_store_uri: str) -> list[str]:
