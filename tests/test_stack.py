@@ -266,6 +266,31 @@ def test_mlflow_requests_without_or_with_wrong_credentials_get_401(stack):
     assert _status(search, "admin", password) == 200
 
 
+def test_the_admin_adds_a_teammate_who_reads_but_does_not_write_others_runs(stack, repro, tmp_path):
+    """docs/team.md: a user per person, made by the admin; default_permission READ."""
+    script = textwrap.dedent(
+        """
+        from mlflow.server import get_app_client
+        get_app_client("basic-auth", tracking_uri=__import__("os").environ["MLFLOW_TRACKING_URI"]).create_user(
+            "alice", "alice-password-0123456789"
+        )
+        """
+    )
+    run(["python", "-c", script], tmp_path, stack.environment())
+    run_url = f"{stack.tracking_uri}/api/2.0/mlflow/runs/get?run_id={repro}"
+    assert _status(run_url, "alice", "alice-password-0123456789") == 200
+    assert _status(run_url, "alice", "wrong") == 401
+    alice = stack.environment(MLFLOW_TRACKING_USERNAME="alice", MLFLOW_TRACKING_PASSWORD="alice-password-0123456789")
+    refused = subprocess.run(
+        ["python", "-c", f"import mlflow; mlflow.MlflowClient().set_tag('{repro}', 'by', 'alice')"],
+        cwd=tmp_path,
+        env=alice | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "PERMISSION_DENIED" in refused.stderr, refused.stderr[-2000:]
+
+
 def test_mlflow_refuses_other_host_headers(stack):
     """--allowed-hosts: a page that rebinds its own name to 127.0.0.1 can not talk to the server."""
     port = stack.state["settings"]["mlflow_port"]
