@@ -18,7 +18,7 @@ from helpers import commit_all, fresh_clone, run_command, write_params
 
 pytestmark = pytest.mark.slow
 
-EXPERIMENTS = {f"local-{index}": round(0.001 + 0.0001 * index, 4) for index in range(4)}
+EXPERIMENTS = {f"local-{index}": round(0.0011 + 0.0001 * index, 4) for index in range(4)}
 
 
 def test_two_queue_workers_on_a_new_local_store_lose_nothing(tmp_path, tiny_archive):
