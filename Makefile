@@ -6,6 +6,7 @@
 # The usual commands afterwards, without activating the environment:
 #   make recipe NAME=recipe-sgd    run a training recipe of recipes/ as a DVC experiment
 #   make ui                        browse the runs in MLflow (the URL it prints)
+#   make stack-up / stack-down     the team stack: PostgreSQL, an S3 store and an MLflow server (docs/team.md)
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,7 +20,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 unexport PYTHONHOME
 
-.PHONY: setup pipeline test recipe ui lint format lock clean-env
+.PHONY: setup pipeline test recipe ui stack-up stack-down stack-status lint format lock clean-env
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
@@ -55,6 +56,17 @@ recipe: setup
 ui: setup
 	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	mlflow ui --host 127.0.0.1 --port 5000
+
+# The team stack on 127.0.0.1 (docs/team.md): PostgreSQL, a SeaweedFS S3 store and an MLflow server
+# with basic auth, state in .stack/. `up` is idempotent and writes .stack/env for clients.
+stack-up: setup
+	python stack/stack.py up
+
+stack-down: setup
+	python stack/stack.py down
+
+stack-status: setup
+	python stack/stack.py status
 
 lint: setup
 	ruff check .

@@ -303,9 +303,11 @@ def test_a_damaged_mlflow_store_is_named_before_any_work(tmp_path, monkeypatch):
     database.write_bytes(bytes(content))
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     started = time.monotonic()
-    with pytest.raises(PipelineError, match=r"mlflow.db is damaged .*mv .*mlflow.db .*mlflow.db.damaged"):
-        with tracking.start_pipeline_run("local", "second", project / "run2.json"):
-            pass
+    with (
+        pytest.raises(PipelineError, match=r"mlflow.db is damaged .*mv .*mlflow.db .*mlflow.db.damaged"),
+        tracking.start_pipeline_run("local", "second", project / "run2.json"),
+    ):
+        pass
     assert time.monotonic() - started < 5
 
 

@@ -15,6 +15,7 @@ run are the same.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.metadata
 import json
 import logging
@@ -51,6 +52,21 @@ def use_project_store() -> None:
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         local_store.keep_inside(local_store.project_root())
         mlflow.set_tracking_uri(local_store.store_uri())  # which also sets MLFLOW_TRACKING_URI
+        _create_project_store()
+
+
+def _create_project_store() -> None:
+    """Create or upgrade the local store's tables holding a lock on the project folder: stages that
+    start at once on a new mlflow.db (`dvc queue start -j 2`) would each run MLflow's migrations,
+    and all but one fail (`table ... already exists`). With the tables in place this only checks."""
+    folder = os.open(local_store.project_root(), os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)  # the tracking store's tables
+        client.search_registered_models(max_results=1)  # and the model registry's
+    finally:
+        os.close(folder)  # which releases the lock
 
 
 def _set_experiment(name: str) -> None:

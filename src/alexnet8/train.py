@@ -21,6 +21,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from alexnet8 import cli
 from alexnet8.checkpoints import (
@@ -159,15 +160,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
-        logged = log_classifier(
-            arguments.model,
-            Path(arguments.data) / DATASET_FILE,
-            description["class_names"],
-            example_images=train_split.images[:2],
-            name=run_name,
-            step=params.train.epochs - 1,  # links the model to the last epoch's metrics
-            registered_model_name=params.mlflow.registered_model_name or None,
-        )
+        try:
+            logged = log_classifier(
+                arguments.model,
+                Path(arguments.data) / DATASET_FILE,
+                description["class_names"],
+                example_images=train_split.images[:2],
+                name=run_name,
+                step=params.train.epochs - 1,  # links the model to the last epoch's metrics
+                registered_model_name=params.mlflow.registered_model_name or None,
+            )
+        except MlflowException as error:  # the server, or its artifact store, is down
+            raise PipelineError(
+                f"the model is trained and saved in {arguments.model}, but logging it to MLflow at "
+                f"{record['tracking_uri']} failed: {error.message}. Once the server and its artifact store "
+                f"answer again, run `dvc repro`: it resumes after the last epoch (from {this_checkpoint}) "
+                "and logs the model into the same run."
+            ) from None
         record["model_id"] = logged.model_id
         if logged.registered_model_version is not None:
             record |= {
