@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import keras
 import mlflow
@@ -129,6 +130,8 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     assert "dvc.experiment" not in run.data.tags  # not run by `dvc exp run`
     [dataset] = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("cifar-10", run.data.tags["data.archive_md5"])
+    logged_description = json.loads(Path(client.download_artifacts(run_id, "provenance/dataset.json")).read_text())
+    assert logged_description == json.loads((prepared_dir / "dataset.json").read_text())
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 

@@ -236,7 +236,8 @@ def default_run_name(params: Params) -> str:
 
 def log_run_inputs(params: Params, params_file: str | Path, description: dict, prepared_md5: str) -> None:
     """Into the active run: every param, the data set (name, the archive's md5, its URL), the
-    provenance tags, and as artifacts the params file, dvc.lock (if any) and the installed packages."""
+    provenance tags, and as artifacts the params file, dvc.lock (if any), the installed packages
+    and `description` (dataset.json)."""
     # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
     mlflow.log_params(params.flat() | {"derived.peak_learning_rate": params.train.peak_learning_rate})
     data_tags = {
@@ -255,3 +256,5 @@ def log_run_inputs(params: Params, params_file: str | Path, description: dict, p
     if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
         mlflow.log_artifact("dvc.lock", artifact_path="provenance")
     mlflow.log_text(installed_packages(), "provenance/packages.txt")
+    # Class names, split sizes, the normalization and its statistics: what the data was.
+    mlflow.log_dict(description, "provenance/dataset.json")
