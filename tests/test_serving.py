@@ -109,6 +109,7 @@ def server(trained, prepared_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
+        mlflow.set_experiment("served")  # not an experiment another test left active in another store
         with mlflow.start_run():
             logged = log_classifier(
                 folder / "model.keras",
