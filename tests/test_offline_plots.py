@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT, activated_environment
 
 from alexnet8 import offline_plots
 from alexnet8.offline_plots import (
@@ -228,24 +226,11 @@ def test_outside_a_dvc_project_it_says_so_and_writes_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def activated_environment(home: Path) -> dict[str, str]:
-    """What `source .venv/bin/activate` gives a user: the venv's bin first on a plain PATH."""
-    environment = {
-        "PATH": os.pathsep.join([str(Path(sys.prefix) / "bin"), "/usr/local/bin", "/usr/bin", "/bin"]),
-        "VIRTUAL_ENV": sys.prefix,
-        "HOME": str(home),
-        "DVC_NO_ANALYTICS": "1",
-        # This checkout's code, whichever checkout the venv installed editable.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT / "src"), os.environ.get("PYTHONPATH")])),
-    }
-    return environment
-
-
 def test_dvc_plots_show_and_diff_pages_load_no_script_from_the_network(tmp_path):
     """The project's plot definitions, in a scratch git + DVC project, before and after the module."""
     root = tmp_path / "project"
     root.mkdir()
-    environment = activated_environment(tmp_path)
+    environment = activated_environment(HOME=str(tmp_path), DVC_NO_ANALYTICS="1")
 
     def run(*command: str) -> str:
         result = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
