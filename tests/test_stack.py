@@ -169,15 +169,9 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory) -> tuple[Path, str]:
-    path = tmp_path_factory.mktemp("stack-archive") / "cifar-10-binary.tar.gz"
-    return path, make_cifar_archive(path, per_batch=20, test_count=40)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, archive) -> Stack:
+def stack(tmp_path_factory, tiny_archive) -> Stack:
     """A fresh clone on the tiny archive, with its stack up (`make stack-up`, free ports)."""
-    project = tiny_project(tmp_path_factory.mktemp("team"), *archive)
+    project = tiny_project(tmp_path_factory.mktemp("team"), *tiny_archive)
     stack = Stack(project)
     try:
         started = time.monotonic()
