@@ -1,9 +1,13 @@
 """AlexNet8 is the original's network, layer for layer."""
 
+import re
+import zipfile
+
+import keras
 import numpy as np
 import pytest
 
-from alexnet8.model import build_alexnet8
+from alexnet8.model import FusedBatchNormalization, build_alexnet8, with_keras_batch_norm
 
 
 def test_parameter_count_matches_the_original():
@@ -84,3 +88,43 @@ def test_raw_pixels_give_the_predictions_of_inputs_normalized_beforehand(normali
     else:
         np.testing.assert_allclose(raw, earlier, rtol=1e-4, atol=1e-6)
         assert np.array_equal(raw.argmax(axis=1), earlier.argmax(axis=1))
+
+
+def _one_training_step(model: keras.Model, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """The model's weights after one SGD step on (images, labels) from the given weights (plain SGD:
+    Adam's first step would blow rounding noise in near-zero gradients up to the full step)."""
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(images, labels)
+    return model.get_weights()
+
+
+def test_fused_batch_norm_trains_as_keras_batch_norm_up_to_rounding():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 16)
+    keras_model = build_alexnet8(dense_units=32, dropout=0.0)
+    fused_model = build_alexnet8(dense_units=32, dropout=0.0, fused_batch_norm=True)
+    fused_model.set_weights(keras_model.get_weights())
+    assert isinstance(fused_model.get_layer("conv1_batchnorm"), FusedBatchNormalization)
+
+    for expected, actual in zip(
+        _one_training_step(keras_model, images, labels), _one_training_step(fused_model, images, labels), strict=True
+    ):
+        # Moving means and (biased) variances, gammas, betas and every other weight after the step.
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_with_fused_batch_norm_saves_as_plain_keras_with_the_same_predictions(tmp_path):
+    model = build_alexnet8(dense_units=32, fused_batch_norm=True)
+    images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    _one_training_step(model, images, np.arange(4))  # moving statistics away from their start
+    with_keras_batch_norm(model).save(tmp_path / "model.keras")
+
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        config = archive.read("config.json").decode()
+    # Every class in the file is Keras' own: loading it needs nothing of this package.
+    assert {module.split(".")[0] for module in re.findall(r'"module": "([^"]+)"', config)} == {"keras"}
+    assert "FusedBatchNormalization" not in config
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded.get_layer("conv1_batchnorm")) is keras.layers.BatchNormalization
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))

@@ -76,7 +76,7 @@ BAD_PARAMS = [
     ("train.lr_batch_scaling", "cubic", "train.lr_batch_scaling: Input should be 'none', 'linear' or 'sqrt'"),
     ("train.precision", "float16", "train.precision: Input should be 'float32', 'mixed_float16' or 'mixed_bfloat16'"),
     ("train.lr_reference_batch_size", 0, "train.lr_reference_batch_size: Input should be greater than 0"),
-    ("train.jit_compile", 1, "train.jit_compile: Input should be a valid boolean"),
+    ("train.jit_compile", 1, "train.jit_compile: Value error, expected true, false or auto, got 1"),
     ("preprocess.validation_fraction", 0, "preprocess.validation_fraction: Input should be greater than 0"),
     ("preprocess.validation_fraction", 1.5, "preprocess.validation_fraction: Input should be less than 1"),
     ("preprocess.normalization", "minmax", "preprocess.normalization: Input should be 'unit' or 'standardize'"),

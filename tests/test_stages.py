@@ -16,6 +16,7 @@ from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
 from alexnet8.plot import main as plot_main
+from alexnet8.runtime import cpu_features, xla_choice
 from alexnet8.train import main as train_main
 
 SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
@@ -115,6 +116,11 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["train.learning_rate"] == "0.001"
+    # What `jit_compile: auto` became on this machine, decided by its CPU's features.
+    expected_xla = xla_choice("auto", cpu_features(), has_gpu=False)
+    assert run.data.params["train.jit_compile"] == "auto" and run.data.params["derived.jit_compile"] == str(
+        expected_xla
+    )
     assert run.data.tags["data.archive_md5"] == json.loads((prepared_dir / "dataset.json").read_text())["archive_md5"]
     for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
         assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric

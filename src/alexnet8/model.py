@@ -17,6 +17,7 @@ from collections.abc import Mapping
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import layers
 
 from alexnet8.dataset import IMAGE_SHAPE
@@ -40,11 +41,43 @@ def pixel_normalization(inputs: keras.KerasTensor, normalization: Mapping | None
     return x
 
 
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras' BatchNormalization computed, in training, by TensorFlow's fused kernel (oneDNN's on CPUs).
+
+    Keras 3 normalizes a batch with separate ops (moments, then scale and shift), each a pass over
+    the activations and another in the gradient: after conv1 that took more time than the
+    convolution itself. The fused kernel does the same arithmetic in one pass each way, so only
+    the order of rounding differs. The moving statistics are updated as Keras does, with the
+    batch's biased variance (the kernel returns the unbiased one). Inference, and any case the
+    kernel does not cover (masks, other axes), is Keras' own code. A model is saved with Keras'
+    layer in its place (`with_keras_batch_norm`), so the file needs nothing of this package.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or self.renorm or len(inputs.shape) != 4:
+            return super().call(inputs, training=training, mask=mask)
+        if self.axis not in (-1, 3):
+            return super().call(inputs, training=training, mask=mask)
+        outputs, mean, unbiased_variance = tf.compat.v1.nn.fused_batch_norm(
+            tf.cast(inputs, "float32"), self.gamma, self.beta, epsilon=self.epsilon, is_training=True
+        )
+        count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], "float32")
+        variance = unbiased_variance * ((count - 1.0) / count)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return tf.cast(outputs, inputs.dtype)
+
+
 def build_alexnet8(
-    num_classes: int = 10, dense_units: int = 2048, dropout: float = 0.5, normalization: Mapping | None = None
+    num_classes: int = 10,
+    dense_units: int = 2048,
+    dropout: float = 0.5,
+    normalization: Mapping | None = None,
+    fused_batch_norm: bool = False,
 ) -> keras.Model:
     """AlexNet8 on raw RGB pixels: normalization (see pixel_normalization), 5 convolutions (the first
-    two batch-normalized), 3 max-pools, 3 dense layers, softmax output."""
+    two batch-normalized), 3 max-pools, 3 dense layers, softmax output. With `fused_batch_norm`,
+    the batch norms train with TensorFlow's fused kernel (FusedBatchNormalization)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if not 0 <= dropout < 1:
@@ -53,12 +86,13 @@ def build_alexnet8(
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     x = pixel_normalization(inputs, normalization)
     x = layers.Conv2D(96, kernel_size=3, name="conv1")(x)
-    x = layers.BatchNormalization(name="conv1_batchnorm")(x)
+    batch_norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
+    x = batch_norm(name="conv1_batchnorm")(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
     x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool1")(x)
 
     x = layers.Conv2D(256, kernel_size=3, name="conv2")(x)
-    x = layers.BatchNormalization(name="conv2_batchnorm")(x)
+    x = batch_norm(name="conv2_batchnorm")(x)
     x = layers.Activation("relu", name="conv2_relu")(x)
     x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool2")(x)
 
@@ -75,6 +109,21 @@ def build_alexnet8(
     # float32 probabilities even under a mixed-precision policy, where float16 softmax loses accuracy.
     outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="class_probabilities")(x)
     return keras.Model(inputs, outputs, name="alexnet8")
+
+
+def with_keras_batch_norm(model: keras.Model) -> keras.Model:
+    """`model` with Keras' BatchNormalization in place of every FusedBatchNormalization, same
+    weights: at inference the two compute the same, and a saved file of it loads anywhere."""
+    if not any(isinstance(layer, FusedBatchNormalization) for layer in model.layers):
+        return model
+
+    def keras_layer(layer):
+        kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else type(layer)
+        return kind.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=keras_layer)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -53,7 +53,11 @@ def build_compiled_model(
     """AlexNet8 as `params` shape it, on raw pixels normalized as `normalization` (dataset.json's)
     says, compiled with its loss, accuracy metric and optimizer."""
     model = build_alexnet8(
-        num_classes=num_classes, dense_units=params.dense_units, dropout=params.dropout, normalization=normalization
+        num_classes=num_classes,
+        dense_units=params.dense_units,
+        dropout=params.dropout,
+        normalization=normalization,
+        fused_batch_norm=params.fused_batch_norm,
     )
     if params.label_smoothing:
         # Smoothing needs one-hot targets (input_pipeline.one_hot_length); same metric names either way.

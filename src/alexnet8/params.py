@@ -39,6 +39,16 @@ def _number(value: object) -> object:
 Number = Annotated[float, BeforeValidator(_number)]
 
 
+def _bool_or_auto(value: object) -> object:
+    """true, false or auto, and nothing that merely equals them (1 == True in Python)."""
+    if value is True or value is False or value == "auto":
+        return value
+    raise ValueError(f"expected true, false or auto, got {value!r}")
+
+
+BoolOrAuto = Annotated[bool | str, BeforeValidator(_bool_or_auto)]
+
+
 class _Section(BaseModel):
     # strict: 5.0 is not an int and "5" is not an int; extra: a misspelt key is an error, not ignored.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -82,7 +92,8 @@ class TrainParams(_Section):
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
-    jit_compile: bool
+    jit_compile: BoolOrAuto
+    fused_batch_norm: bool
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"]
     deterministic: bool
 

@@ -1,11 +1,12 @@
-"""Process-wide TensorFlow settings for training: numerics, determinism and the devices it runs on.
+"""Process-wide TensorFlow settings for training: numerics, determinism, XLA and the devices it runs on.
 
-Reads and writes nothing.
+Reads: `/proc/cpuinfo` (the CPU's features, for `train.jit_compile: auto`). Writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import keras
 import tensorflow as tf
@@ -15,12 +16,46 @@ from alexnet8.params import TrainParams
 logger = logging.getLogger(__name__)
 
 
-def configure_runtime(params: TrainParams) -> None:
-    """Apply the params' precision and determinism; call before building the model."""
+def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (`avx2`, `avx512f`, ...); empty where unknown."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def xla_choice(setting: bool | str, features: frozenset[str], has_gpu: bool) -> bool | str:
+    """What `train.jit_compile` means on this machine: `auto` is XLA on CPUs with AVX2 but not
+    AVX-512, off on CPUs with AVX-512, and Keras' own `auto` (XLA on a GPU) when there is a GPU.
+
+    Measured side by side with the original script (docs/performance.md): on a 2-core AVX2 CPU
+    XLA trained at 1.06-1.10x, on a 2-core AVX-512 CPU at 0.79x, where oneDNN's AVX-512
+    convolutions (used without XLA) beat XLA's. The choice depends only on the CPU's features,
+    never on timing, so a rerun on the same machine makes the same choice and the same weights.
+    """
+    if setting != "auto":
+        return setting
+    if has_gpu:
+        return "auto"
+    return "avx2" in features and "avx512f" not in features
+
+
+def configure_runtime(params: TrainParams) -> TrainParams:
+    """Apply the params' precision and determinism; call before building the model. Returns the
+    params with `jit_compile` resolved for this machine (see xla_choice)."""
     if params.deterministic:
         # Same seed, data and machine -> bit-identical weights (see docs, "Reproducibility").
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(params.precision)
+    jit_compile = xla_choice(params.jit_compile, cpu_features(), bool(tf.config.list_physical_devices("GPU")))
+    if params.jit_compile == "auto":
+        logger.info("train.jit_compile: auto -> %s on this machine", jit_compile)
+    return params.model_copy(update={"jit_compile": jit_compile})
 
 
 def distribution_strategy() -> tf.distribute.Strategy:

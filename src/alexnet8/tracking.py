@@ -25,7 +25,7 @@ import sys
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -234,12 +234,15 @@ def default_run_name(params: Params) -> str:
     )
 
 
-def log_run_inputs(params: Params, params_file: str | Path, description: dict, prepared_md5: str) -> None:
-    """Into the active run: every param, the data set (name, the archive's md5, its URL), the
-    provenance tags, and as artifacts the params file, dvc.lock (if any), the installed packages
-    and `description` (dataset.json)."""
+def log_run_inputs(
+    params: Params, params_file: str | Path, description: dict, prepared_md5: str, derived: Mapping | None = None
+) -> None:
+    """Into the active run: every param, the `derived` values (as `derived.<key>` params), the
+    data set (name, the archive's md5, its URL), the provenance tags, and as artifacts the params
+    file, dvc.lock (if any), the installed packages and `description` (dataset.json)."""
     # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
-    mlflow.log_params(params.flat() | {"derived.peak_learning_rate": params.train.peak_learning_rate})
+    derived = {"peak_learning_rate": params.train.peak_learning_rate, **(derived or {})}
+    mlflow.log_params(params.flat() | {f"derived.{key}": value for key, value in derived.items()})
     data_tags = {
         "data.archive_md5": description["archive_md5"],
         "data.prepared_md5": prepared_md5,

@@ -37,6 +37,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
+from alexnet8.model import with_keras_batch_norm
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
@@ -134,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_split = load_split(arguments.data, "train")
     validation_split = load_split(arguments.data, "validation")
     this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
-    configure_runtime(params.train)
+    train_params = configure_runtime(params.train)  # `jit_compile: auto` resolved for this machine
 
     run_name = default_run_name(params)
     with start_pipeline_run(
@@ -143,9 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         arguments.run_file,
         interrupted_run_file=this_checkpoint / RUN_RECORD_FILE,
     ) as record:
-        log_run_inputs(params, arguments.params, description, dataset_digest(arguments.data))
+        log_run_inputs(
+            params,
+            arguments.params,
+            description,
+            dataset_digest(arguments.data),
+            derived={"jit_compile": train_params.jit_compile},
+        )
         model, history = train_model(
-            params.train,
+            train_params,
             params.seed,
             train_split,
             validation_split,
@@ -155,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             normalization=description["normalization"],
         )
         with atomic_path(arguments.model, suffix=".keras") as temporary:
-            model.save(temporary)
+            with_keras_batch_norm(model).save(temporary)  # a file any Keras loads
         logger.info("saved %s", arguments.model)
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
