@@ -2,7 +2,7 @@
 """Where a training step's time goes: each AlexNet8 layer's forward and backward pass, timed alone.
 
 Usage:
-  python bench/layer_profile.py [--batch-size 32] [--precision float32] [--seconds 3]
+  python bench/layer_profile.py [--batch-size 32] [--precision float32] [--seconds 3] [--set KEY=VALUE ...]
 
 Reads and writes nothing. For every layer of the model, times forward + backward (gradients for
 the layer's weights and, except for the first layer, its input) on random inputs of the layer's
@@ -28,6 +28,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+import yaml
 from keras import layers
 
 from alexnet8.optimization import build_compiled_model
@@ -123,17 +124,30 @@ def table(rows: list[LayerTime], step_milliseconds: float, batch_size: int) -> s
     return "\n".join(lines)
 
 
+def partition_set(assignment: str) -> tuple[str, str, str]:
+    key, equals, value = assignment.partition("=")
+    if not equals:
+        raise SystemExit(f"--set {assignment}: expected KEY=VALUE")
+    return key, equals, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     precisions = typing.get_args(TrainParams.model_fields["precision"].annotation)  # the values params.yaml accepts
     parser.add_argument("--precision", default="float32", choices=precisions)
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum timing per layer")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a train.* param, e.g. fused_batch_norm=false"
+    )
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params(PROJECT_ROOT / "params.yaml")
-    train_params = params.train.model_copy(
-        update={"precision": arguments.precision, "batch_size": arguments.batch_size}
+    overrides = {
+        key.removeprefix("train."): yaml.safe_load(value) for key, _, value in map(partition_set, arguments.set)
+    }
+    train_params = TrainParams.model_validate(
+        params.train.model_dump() | overrides | {"precision": arguments.precision, "batch_size": arguments.batch_size}
     )
     configure_runtime(train_params)
     keras.utils.set_random_seed(params.seed)
