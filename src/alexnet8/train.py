@@ -117,16 +117,7 @@ def train_model(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
-    argument_parser.add_argument("--data", required=True, help="prepared dataset folder")
-    argument_parser.add_argument("--model", required=True, help="where to save the model (.keras)")
-    argument_parser.add_argument("--history", required=True, help="per-epoch history CSV")
-    argument_parser.add_argument("--metrics", required=True, help="final training metrics JSON")
-    argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
-    argument_parser.add_argument(
-        "--checkpoints", required=True, help="folder for the state of an interrupted training (not a DVC output)"
-    )
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("train").parse_args(argv)
     params = load_params(arguments.params)
     check_tracking_server()
 
@@ -187,7 +178,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(
-        main,
-        interrupted="interrupted; run the stage again (`dvc repro`) to resume training after the last completed epoch",
-    )
+    cli.run(main, interrupted=cli.STAGES["train"].interrupted)
