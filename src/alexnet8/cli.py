@@ -111,6 +111,9 @@ def run(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # urllib3 logs each retry of an MLflow request, with its whole URL; when the tracking server
+    # is away, the stages' own warnings say so once, and what happens next (tracking.py).
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # SIGTERM (what `kill` and most schedulers send) unwinds like Ctrl-C, so MLflow runs are
     # ended as KILLED and temporary files removed; SIGKILL can not be caught.
     signal.signal(signal.SIGTERM, _interrupt)
