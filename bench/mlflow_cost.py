@@ -6,9 +6,10 @@ Usage:
 
 In a temporary folder (its own local store, nothing else touched), with the project's params.yaml
 and the full-size AlexNet8 (untrained: logging does not depend on the weights' values), times:
-starting the pipeline's run, its params, provenance tags and artifacts, one synchronous metrics
-call per epoch, and logging the model (signature, input example). Prints each, and the total;
-divide by the training time of an epoch times the epochs for the share of the train stage.
+starting the pipeline's run, its params, provenance tags and artifacts, the network's summary and
+the metrics of each epoch (sent in the background), and logging the model (signature, input
+example). Prints each, and the total; divide by the training time of an epoch times the epochs
+for the share of the train stage.
 """
 
 from __future__ import annotations
@@ -55,10 +56,15 @@ def main() -> None:
             log_run_inputs(params, PROJECT_ROOT / "params.yaml", description, prepared_md5="0" * 32)
             seconds["params, tags, provenance"] = time.perf_counter() - started
             started = time.perf_counter()
+            # As fit drives it: the summary and each epoch's metrics go in a background thread,
+            # which on_train_end waits for; the time is what training would wait, at most.
             epoch_metrics = EpochMetricsToMlflow(Path(folder) / "history.csv")
+            epoch_metrics.set_model(model)
+            epoch_metrics.on_train_begin()
             for epoch in range(arguments.epochs):
                 epoch_metrics.on_epoch_end(epoch, {"accuracy": 0.5, "loss": 1.5, "val_accuracy": 0.5, "val_loss": 1.5})
-            seconds[f"metrics of {arguments.epochs} epochs"] = time.perf_counter() - started
+            epoch_metrics.on_train_end()
+            seconds[f"summary, metrics of {arguments.epochs} epochs"] = time.perf_counter() - started
             started = time.perf_counter()
             log_classifier(Path(folder) / "model.keras", Path(folder) / "dataset.json", class_names, images, "cost", 0)
             seconds["the model"] = time.perf_counter() - started

@@ -220,7 +220,7 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
     arguments = _train_arguments(
         tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": epochs}))
     )
-    command = [sys.executable, "-m", "alexnet8.train", *arguments]
+    command = [sys.executable, "-m", "alexnet8", "train", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
     while not list((tmp_path / "checkpoints").glob("*/training_metadata.json")):  # an epoch is done

@@ -190,7 +190,7 @@ def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
     for name in ("lr-low", "one-epoch"):
         tags = runs[name].data.tags
         assert runs[name].info.run_name == name and tags["git.commit"] == head and tags["git.dirty"] == "true"
-        assert tags["data.archive_md5"] and len(tags["data.prepared_md5"]) == 32 and "alexnet8.train" in tags["command"]
+        assert tags["data.archive_md5"] and len(tags["data.prepared_md5"]) == 32 and "alexnet8 train" in tags["command"]
         artifacts = {artifact.path for artifact in client.list_artifacts(runs[name].info.run_id, "provenance")}
         assert artifacts == {
             "provenance/params.yaml",

@@ -1,6 +1,6 @@
 """AlexNet8 on CIFAR-10 as a DVC pipeline tracked in MLflow.
 
-Stages, each runnable as `python -m alexnet8.<stage>` (dvc.yaml gives their arguments):
+Stages, each runnable as `python -m alexnet8 <stage>` (dvc.yaml gives their arguments):
 fetch -> preprocess -> train -> evaluate -> plot.
 """
 

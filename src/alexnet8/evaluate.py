@@ -82,13 +82,7 @@ def evaluate_model(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
-    argument_parser.add_argument("--model", required=True, help="trained model (.keras)")
-    argument_parser.add_argument("--data", required=True, help="prepared dataset folder")
-    argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
-    argument_parser.add_argument("--metrics", required=True, help="test metrics JSON to write")
-    argument_parser.add_argument("--predictions", required=True, help="per-image predictions CSV to write")
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("evaluate").parse_args(argv)
     params = load_params(arguments.params)
 
     class_names = load_description(arguments.data)["class_names"]

@@ -111,9 +111,7 @@ def download(url: str, expected_md5: str, destination: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
-    argument_parser.add_argument("--out", required=True, help="where to write the archive")
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("fetch").parse_args(argv)
     params = load_params(arguments.params)
     download(params.fetch.url, params.fetch.md5, arguments.out)
 

@@ -7,18 +7,26 @@ Writes: into the active MLflow run only.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import time
 from pathlib import Path
 
 import keras
 import mlflow
 import numpy as np
 import tensorflow as tf
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from alexnet8 import classifier_model
 from alexnet8.reports import history_rows
+from alexnet8.tracking import failure_reason, wait_for_tracking_server
+
+logger = logging.getLogger(__name__)
 
 PIP_REQUIREMENTS = [
     f"keras=={keras.__version__}",
@@ -28,13 +36,18 @@ PIP_REQUIREMENTS = [
 
 
 class EpochMetricsToMlflow(keras.callbacks.Callback):
-    """Logs each epoch's metrics once, as step = epoch, also when training was interrupted and resumed.
+    """Logs each epoch's metrics once, as step = epoch, without ever holding training up.
 
-    Epochs are logged synchronously after the checkpoint is saved (this callback comes last). If
-    the process dies between the two, the resumed run logs the missing epochs from the history
-    CSV at its start, so MLflow never misses nor repeats an epoch. The network's summary is logged
-    once, as `model_summary.txt`.
+    A background thread sends each epoch's metrics after its checkpoint is saved (this callback
+    comes last). When the tracking server does not answer, training goes on at full speed: the
+    epochs not sent are kept (they are in the history CSV anyway) and sent, in order, once the
+    server answers again; what is still unsent when training ends is sent by `log_missing_epochs`
+    before the model is logged, or by the rerun, which calls it at its start. Before sending, the
+    thread asks the run which epochs it has, so MLflow never misses nor repeats an epoch. The
+    network's summary is logged once, as `model_summary.txt`.
     """
+
+    RETRY_SECONDS = 10  # between attempts while the server does not answer
 
     def __init__(self, history_path: str | Path):
         super().__init__()
@@ -43,17 +56,116 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         lines = []
         self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
-        mlflow.log_text("\n".join(lines) + "\n", "model_summary.txt")
-        if not self.history_path.exists():
-            return
-        run_id = mlflow.active_run().info.run_id
-        logged = {point.step for point in mlflow.MlflowClient().get_metric_history(run_id, "loss")}
-        for epoch, row in enumerate(history_rows(self.history_path)):
-            if epoch not in logged:
-                mlflow.log_metrics(row, step=epoch, synchronous=True)
+        self._run_id = mlflow.active_run().info.run_id
+        self._summary: str | None = "\n".join(lines) + "\n"
+        # The epochs an interrupted run finished but may not have logged: sent first, if missing.
+        history = history_rows(self.history_path) if self.history_path.exists() else []
+        self._unsent: dict[int, dict[str, float]] = dict(enumerate(history))
+        self._timestamps: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()  # an epoch ended
+        self._stop = threading.Event()  # training ended
+        self._stopping = False
+        self._server_away = False
+        self._sender = threading.Thread(target=self._send_loop, name="epoch-metrics-to-mlflow", daemon=True)
+        self._sender.start()
+        self._wake.set()
 
     def on_epoch_end(self, epoch, logs=None):
-        mlflow.log_metrics(logs, step=epoch, synchronous=True)
+        with self._lock:
+            self._unsent[epoch] = {name: float(value) for name, value in (logs or {}).items()}
+            self._timestamps[epoch] = int(time.time() * 1000)  # when the epoch ended, not when it is sent
+        self._wake.set()
+
+    def on_train_end(self, logs=None):
+        # A last round sends the last epoch, unless the server is away (log_missing_epochs tries
+        # again); joining waits for a request in flight, bounded by tracking.HTTP_REQUEST_BOUNDS.
+        self._stopping = True
+        self._stop.set()
+        self._wake.set()
+        self._sender.join()
+
+    def _send_loop(self):
+        while True:
+            if self._server_away:  # tried again every RETRY_SECONDS, not at each epoch's end
+                self._stop.wait(timeout=self.RETRY_SECONDS)
+            else:
+                self._wake.wait(timeout=self.RETRY_SECONDS)
+            self._wake.clear()
+            stopping = self._stopping
+            with self._lock:
+                pending = bool(self._unsent) or self._summary is not None
+            if pending and not (stopping and self._server_away):
+                self._send()
+            if stopping:
+                return
+
+    def _send(self):
+        client = mlflow.MlflowClient()
+        try:
+            if self._summary is not None:
+                client.log_text(self._run_id, self._summary, "model_summary.txt")
+                self._summary = None
+            logged = _logged_epochs(client, self._run_id)
+            with self._lock:
+                epochs = sorted(self._unsent)
+            sent = []
+            for epoch in epochs:
+                if epoch not in logged:
+                    with self._lock:
+                        metrics, timestamp = self._unsent[epoch], self._timestamps.get(epoch)
+                    _log_epoch(client, self._run_id, epoch, metrics, timestamp)
+                    sent.append(epoch)
+                with self._lock:
+                    del self._unsent[epoch]
+        except Exception as error:  # noqa: BLE001 (any failure: keep the epochs, try again later)
+            if not self._server_away:
+                self._server_away = True
+                logger.warning(
+                    "MLflow at %s does not answer (%s): training goes on; the metrics of epoch(s) %s are "
+                    "kept and sent when it answers again",
+                    mlflow.get_tracking_uri(),
+                    failure_reason(error),
+                    ", ".join(str(epoch + 1) for epoch in sorted(self._unsent)) or "(none yet)",
+                )
+            return
+        if self._server_away:
+            self._server_away = False
+            logger.info(
+                "MLflow at %s answers again: sent the metrics of epoch(s) %s",
+                mlflow.get_tracking_uri(),
+                ", ".join(str(epoch + 1) for epoch in sent) or "(none missing)",
+            )
+
+
+def _logged_epochs(client: mlflow.MlflowClient, run_id: str) -> set[int]:
+    return {point.step for point in client.get_metric_history(run_id, "loss")}
+
+
+def _log_epoch(
+    client: mlflow.MlflowClient, run_id: str, epoch: int, metrics: dict[str, float], timestamp: int | None = None
+) -> None:
+    timestamp = timestamp or int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(name, value, timestamp, epoch) for name, value in metrics.items()],
+        synchronous=True,
+    )
+
+
+def log_missing_epochs(history_path: str | Path) -> None:
+    """Log, into the active run, the epochs of the history CSV that it does not have yet: those
+    the tracking server missed while it did not answer. A server that does not answer is given
+    a restart's time (tracking.RESTART_GRACE_SECONDS); MlflowException if it still does not."""
+    silence = wait_for_tracking_server()
+    if silence is not None:
+        raise MlflowException(str(silence))
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    logged = _logged_epochs(client, run_id)
+    for epoch, row in enumerate(history_rows(history_path)):
+        if epoch not in logged:
+            _log_epoch(client, run_id, epoch, row)
 
 
 def classifier_signature(class_names: list[str]) -> ModelSignature:

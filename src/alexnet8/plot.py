@@ -95,14 +95,7 @@ def save_figure(figure: Figure, path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0], reads_params=False)
-    argument_parser.add_argument("--history", required=True, help="per-epoch history CSV")
-    argument_parser.add_argument("--predictions", required=True, help="test predictions CSV")
-    argument_parser.add_argument("--data", required=True, help="prepared dataset folder (for class names)")
-    argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
-    argument_parser.add_argument("--curves", required=True, help="accuracy/loss figure to write (PNG)")
-    argument_parser.add_argument("--confusion", required=True, help="confusion matrix figure to write (PNG)")
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("plot").parse_args(argv)
 
     class_names = load_description(arguments.data)["class_names"]
     save_figure(curves_figure(read_history(arguments.history)), arguments.curves)

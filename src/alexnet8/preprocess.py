@@ -183,10 +183,7 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
-    argument_parser.add_argument("--archive", required=True, help="the CIFAR-10 binary tar.gz")
-    argument_parser.add_argument("--out", required=True, help="folder for the prepared arrays")
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("preprocess").parse_args(argv)
     params = load_params(arguments.params)
     preprocess(arguments.archive, arguments.out, params.preprocess, params.seed)
 

@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -44,6 +45,20 @@ logger = logging.getLogger(__name__)
 
 SERVER_TIMEOUT_SECONDS = 5
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+# MLflow's client retries a request to a tracking server 7 times with backoff, each try waiting up
+# to 120 s: a server that died costs about 4 minutes per request. The stages' bounds: 2 retries
+# after 0 and about 2 s, 20 s for each connect or read. A user's own MLFLOW_HTTP_REQUEST_* win.
+HTTP_REQUEST_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+# At the end of training, how long to wait for a server that does not answer, before the stage
+# fails (the model saved, to be logged by the rerun): long enough for a server's restart.
+RESTART_GRACE_SECONDS = 30
+# Ending a run that is being stopped or has failed: one try, briefly (Ctrl-C must act at once).
+LAST_REQUEST_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
 
 
 def use_project_store() -> None:
@@ -111,25 +126,105 @@ def installed_packages() -> str:
     )
 
 
+def bound_http_requests() -> None:
+    """Bound the MLflow client's retries and timeouts in this process (HTTP_REQUEST_BOUNDS), unless
+    the user set them: a tracking server that does not answer costs seconds, not minutes."""
+    for name, value in HTTP_REQUEST_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+@contextlib.contextmanager
+def _last_request_bounds() -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in LAST_REQUEST_BOUNDS}
+    os.environ.update(LAST_REQUEST_BOUNDS)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def failure_reason(error: BaseException) -> str:
+    """What went wrong at the bottom of an MLflow client error: `[Errno 111] Connection refused`
+    rather than the request's URL, the retry policy and the exception classes around it."""
+    root = error
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    return str(root) if root is not error or not isinstance(error, MlflowException) else error.message
+
+
+def end_run(status: str) -> None:
+    """End the active run as `status`. A run that failed or was stopped is ended with one short
+    try (a server that does not answer must not hold up a failing stage or Ctrl-C); if MLflow does
+    not take the status, the run shows RUNNING until a rerun ends it, and a warning says so."""
+    active = mlflow.active_run()
+    if active is None:  # ended already, by the block itself
+        return
+    run_id = active.info.run_id
+    try:
+        if status == "FINISHED":
+            mlflow.end_run(status)
+        else:
+            with _last_request_bounds():
+                mlflow.end_run(status)
+    except MlflowException as error:  # end_run popped the run before asking the server
+        logger.warning(
+            "MLflow at %s did not take run %s's status %s (%s): it shows RUNNING until a rerun ends it",
+            mlflow.get_tracking_uri(),
+            run_id,
+            status,
+            failure_reason(error),
+        )
+
+
 def check_tracking_server() -> None:
     """Fail within seconds if the tracking URI is a server that does not answer.
 
-    MLflow's client retries with backoff for minutes; without this check a dead server would
-    surface only after training, when the model is logged.
+    MLflow's client retries with backoff; without this check a dead server would surface only
+    after training, when the model is logged.
     """
     uri = mlflow.get_tracking_uri()
-    if urlparse(uri).scheme not in ("http", "https"):
-        return
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
-    except urllib.error.HTTPError:
-        pass  # it answered (perhaps asking for credentials): the server is there
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+    reason = _server_silence(uri)
+    if reason is not None:
         raise PipelineError(
             f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer: {reason}. "
             "Start it, or unset MLFLOW_TRACKING_URI to log to ./mlflow.db"
-        ) from None
+        )
+
+
+def wait_for_tracking_server(seconds: float = RESTART_GRACE_SECONDS) -> object | None:
+    """Wait, up to `seconds`, until a tracking server that does not answer answers again (a
+    restart); at once for a server that answers, or a local store. Why it still does not answer,
+    or None."""
+    uri = mlflow.get_tracking_uri()
+    deadline = time.monotonic() + seconds
+    silence = _server_silence(uri)
+    if silence is None:
+        return None
+    logger.warning("MLflow at %s does not answer (%s): waiting up to %.0f s for it", uri, silence, seconds)
+    while silence is not None and time.monotonic() < deadline:
+        time.sleep(1)
+        silence = _server_silence(uri)
+    if silence is None:
+        logger.info("MLflow at %s answers again", uri)
+    return silence
+
+
+def _server_silence(uri: str) -> object | None:
+    """Why the tracking server at `uri` does not answer its health check, or None if it does (or
+    `uri` is not a server)."""
+    if urlparse(uri).scheme not in ("http", "https"):
+        return None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
+    except urllib.error.HTTPError:
+        return None  # it answered (perhaps asking for credentials): the server is there
+    except (urllib.error.URLError, OSError) as error:
+        return getattr(error, "reason", error)
+    return None
 
 
 def _recorded_run_id(path: Path) -> str | None:
@@ -168,29 +263,41 @@ def start_pipeline_run(
     FAILED, an interrupt (Ctrl-C, SIGTERM) as KILLED; `run_file` is written only on success, so
     later stages never log into a failed run.
     """
+    bound_http_requests()
     use_project_store()
     interrupted_run_file = Path(interrupted_run_file) if interrupted_run_file else None
     run = _start_or_continue(experiment_name, run_name, interrupted_run_file)
+    with _ended(run):
+        logger.info(
+            "MLflow run %s in experiment %s at %s",
+            run.info.run_id,
+            run.info.experiment_id,
+            mlflow.get_tracking_uri(),
+        )
+        record = {
+            "run_id": run.info.run_id,
+            "experiment_id": run.info.experiment_id,
+            "tracking_uri": mlflow.get_tracking_uri(),
+        }
+        if interrupted_run_file:
+            write_json(interrupted_run_file, record)
+        yield record
+        write_json(run_file, record)
+
+
+@contextlib.contextmanager
+def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
+    """End the started `run` when the block ends: FINISHED, KILLED after Ctrl-C or SIGTERM (the
+    stage was stopped, it did not fail; MLflow's own `with run` would say FAILED), else FAILED."""
     try:
-        with run:
-            logger.info(
-                "MLflow run %s in experiment %s at %s",
-                run.info.run_id,
-                run.info.experiment_id,
-                mlflow.get_tracking_uri(),
-            )
-            record = {
-                "run_id": run.info.run_id,
-                "experiment_id": run.info.experiment_id,
-                "tracking_uri": mlflow.get_tracking_uri(),
-            }
-            if interrupted_run_file:
-                write_json(interrupted_run_file, record)
-            yield record
-            write_json(run_file, record)
+        yield
     except KeyboardInterrupt:
-        mlflow.MlflowClient().set_terminated(run.info.run_id, status="KILLED")
+        end_run("KILLED")
         raise
+    except BaseException:
+        end_run("FAILED")
+        raise
+    end_run("FINISHED")
 
 
 @contextlib.contextmanager
@@ -213,13 +320,8 @@ def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
             f"MLflow run {run_id} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot be "
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
-    try:
-        with run:
-            yield recorded
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: the stage was stopped, it did not fail (MLflow's own exit says FAILED).
-        mlflow.MlflowClient().set_terminated(run_id, status="KILLED")
-        raise
+    with _ended(run):
+        yield recorded
 
 
 def default_run_name(params: Params) -> str:

@@ -38,12 +38,18 @@ from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.model import with_keras_batch_norm
-from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
+from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier, log_missing_epochs
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.reports import history_columns, truncate_history
 from alexnet8.runtime import configure_runtime, distribution_strategy
-from alexnet8.tracking import check_tracking_server, default_run_name, log_run_inputs, start_pipeline_run
+from alexnet8.tracking import (
+    check_tracking_server,
+    default_run_name,
+    failure_reason,
+    log_run_inputs,
+    start_pipeline_run,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +124,7 @@ def train_model(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argument_parser = cli.parser(__doc__.splitlines()[0])
-    argument_parser.add_argument("--data", required=True, help="prepared dataset folder")
-    argument_parser.add_argument("--model", required=True, help="where to save the model (.keras)")
-    argument_parser.add_argument("--history", required=True, help="per-epoch history CSV")
-    argument_parser.add_argument("--metrics", required=True, help="final training metrics JSON")
-    argument_parser.add_argument("--run-file", required=True, help="JSON naming the MLflow run")
-    argument_parser.add_argument(
-        "--checkpoints", required=True, help="folder for the state of an interrupted training (not a DVC output)"
-    )
-    arguments = argument_parser.parse_args(argv)
+    arguments = cli.stage_parser("train").parse_args(argv)
     params = load_params(arguments.params)
     check_tracking_server()
 
@@ -168,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
         try:
+            log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
             logged = log_classifier(
                 arguments.model,
                 Path(arguments.data) / DATASET_FILE,
@@ -179,10 +177,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         except MlflowException as error:  # the server, or its artifact store, is down
             raise PipelineError(
-                f"the model is trained and saved in {arguments.model}, but logging it to MLflow at "
-                f"{record['tracking_uri']} failed: {error.message}. Once the server and its artifact store "
-                f"answer again, run `dvc repro`: it resumes after the last epoch (from {this_checkpoint}) "
-                "and logs the model into the same run."
+                f"the model is trained and saved in {arguments.model}, but MLflow at {record['tracking_uri']} "
+                f"does not take it ({failure_reason(error)}): rerun to log it. Once the server and its artifact "
+                f"store answer again, `dvc repro` resumes after the last epoch (from {this_checkpoint}) and logs "
+                "the model, and any epoch's metrics the server missed, into the same run."
             ) from None
         record["model_id"] = logged.model_id
         if logged.registered_model_version is not None:
@@ -194,7 +192,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(
-        main,
-        interrupted="interrupted; run the stage again (`dvc repro`) to resume training after the last completed epoch",
-    )
+    cli.run(main, interrupted=cli.STAGES["train"].interrupted)

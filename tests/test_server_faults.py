@@ -1,0 +1,250 @@
+"""A real `mlflow server` that dies during training costs seconds: epochs go on at full speed, the
+model is saved and the stage fails saying "rerun to log it", Ctrl-C acts at once, and the rerun
+after the server is back leaves a complete run (every epoch once, the model).
+
+The server runs as a process of its own (SQLite store, artifacts served through it) on a free
+port, and is killed with SIGKILL, as a crash or the OOM killer would; the train stage runs as
+`python -m alexnet8 train`, as dvc.yaml runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from cifar_archive import make_cifar_archive
+from helpers import PROJECT_ROOT, activated_environment, write_params
+
+from alexnet8.params import load_params
+from alexnet8.tracking import RESTART_GRACE_SECONDS
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+PARAMS = {"train.epochs": EPOCHS, "train.batch_size": 16, "train.dense_units": 32}
+EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class TrackingServer:
+    """`mlflow server` on 127.0.0.1:`port` with its store in `folder`; started again on the same
+    port and store after a crash."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.folder / 'store.db'}",
+            "--artifacts-destination", str(self.folder / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        with open(self.folder / "server.log", "a") as log:
+            self.process = subprocess.Popen(
+                command,
+                env=activated_environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: uvicorn runs in a child process
+            )
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.process.poll() is None, (self.folder / "server.log").read_text()
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                return
+            except (urllib.error.URLError, OSError):
+                assert time.monotonic() < deadline, (self.folder / "server.log").read_text()
+                time.sleep(0.25)
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process of its group."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def client(self) -> mlflow.MlflowClient:
+        return mlflow.MlflowClient(tracking_uri=self.uri)
+
+
+@pytest.fixture
+def server(tmp_path):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    tracking_server = TrackingServer(folder)
+    tracking_server.start()
+    yield tracking_server
+    tracking_server.kill()
+
+
+@pytest.fixture(scope="module")
+def slow_prepared(tmp_path_factory) -> Path:
+    """450 training images: an epoch of the tiny model takes a few seconds, time to kill the server."""
+    from alexnet8.preprocess import preprocess
+
+    folder = tmp_path_factory.mktemp("slow")
+    make_cifar_archive(folder / "cifar-10-binary.tar.gz", per_batch=100, test_count=40, seed=3)
+    params = load_params(PROJECT_ROOT / "params.yaml")
+    preprocess(folder / "cifar-10-binary.tar.gz", folder / "prepared", params.preprocess, params.seed)
+    return folder / "prepared"
+
+
+class Stage:
+    """`python -m alexnet8 train` in a process of its own, its log lines collected with the time each arrived."""
+
+    def __init__(self, folder: Path, prepared: Path, tracking_uri: str):
+        params = write_params(folder / "params.yaml", **PARAMS)
+        self.folder = folder
+        self.command = [
+            sys.executable, "-m", "alexnet8", "train", "--params", str(params), "--data", str(prepared),
+            "--model", str(folder / "model.keras"), "--history", str(folder / "history.csv"),
+            "--metrics", str(folder / "train.json"), "--run-file", str(folder / "run.json"),
+            "--checkpoints", str(folder / "checkpoints"),
+        ]  # fmt: skip
+        # This checkout's code, whatever the environment has installed.
+        self.environment = activated_environment(
+            PYTHONPATH=str(PROJECT_ROOT / "src"), MLFLOW_TRACKING_URI=tracking_uri, ALEXNET8_LOG_LEVEL="INFO"
+        )
+        self.lines: list[tuple[float, str]] = []
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.lines = []
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.folder,
+            env=self.environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Ctrl-C's default action, whatever this test process was started with.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def output(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 300) -> float:
+        """Wait for a log line matching `pattern`; when it arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for arrived, line in self.lines:
+                if re.search(pattern, line):
+                    return arrived
+            assert self.process.poll() is None, f"the stage ended before {pattern!r}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {pattern!r} within {timeout} s:\n{self.output()}"
+            time.sleep(0.05)
+
+    def finish(self, timeout: float = 300) -> tuple[int, float]:
+        """Wait for the stage to end; its exit status and when it ended."""
+        returncode = self.process.wait(timeout=timeout)
+        ended = time.monotonic()
+        self._reader.join(timeout=10)
+        return returncode, ended
+
+
+def _epoch_done(epoch: int) -> str:
+    return rf"epoch {epoch}/{EPOCHS} done in"
+
+
+def test_a_server_killed_during_epoch_2_costs_seconds_and_the_rerun_completes_the_run(server, slow_prepared, tmp_path):
+    stage = Stage(tmp_path, slow_prepared, server.uri)
+    stage.start()
+    first_done = stage.wait_for(_epoch_done(1))
+    time.sleep(0.5)  # into epoch 2; epoch 1's metrics are sent meanwhile
+    server.kill()
+    second_done = stage.wait_for(_epoch_done(2))
+    third_done = stage.wait_for(_epoch_done(3))
+    returncode, ended = stage.finish()
+    output = stage.output()
+    print(output)  # pytest -s shows the stage's log and the times measured
+    print(
+        f"epoch 2 (server killed 0.5 s in): {second_done - first_done:.1f} s, epoch 3 (server gone): "
+        f"{third_done - second_done:.1f} s, last epoch's end to exit: {ended - third_done:.1f} s"
+    )
+
+    assert returncode == 1, output
+    assert "Traceback" not in output, output
+    assert re.search(r"WARNING .*MLflow at http://127.0.0.1:\d+ does not answer \(.*Connection refused\)", output)
+    assert re.search(
+        r"ERROR alexnet8: the model is trained and saved in .*model.keras, but MLflow at http://127.0.0.1:\d+ "
+        r"does not take it \(.*Connection refused\): rerun to log it",
+        output,
+    ), output
+    # Epoch 3 ran with the server gone: it took no longer than epoch 2 (which started with the
+    # server up) but for noise; a client waiting for the dead server would add seconds per epoch.
+    assert third_done - second_done < (second_done - first_done) + 1.5, output
+    # After the last epoch: a restart's grace for the server, then one bounded try of each request.
+    assert ended - third_done < RESTART_GRACE_SECONDS + 20, output
+    assert (tmp_path / "model.keras").is_file() and not (tmp_path / "run.json").exists()
+    [checkpoint] = (tmp_path / "checkpoints").iterdir()  # the state the rerun resumes from
+
+    server.start()  # on the same port and store
+    stage.start()
+    returncode, _ = stage.finish()
+    output = stage.output()
+    assert returncode == 0, output
+    assert f"after epoch {EPOCHS} of {EPOCHS}" in output  # nothing retrained
+    client = server.client()
+    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    [only_run] = client.search_runs([run.info.experiment_id])  # the same run, continued
+    assert only_run.info.run_id == run_id
+    for metric in EPOCH_METRICS:
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == list(range(EPOCHS)), metric
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    assert [str(model.status) for model in models] == ["READY"], models
+    assert json.loads((tmp_path / "run.json").read_text())["model_id"] == models[0].model_id
+    assert "model_summary.txt" in {artifact.path for artifact in client.list_artifacts(run_id)}
+
+
+@pytest.mark.parametrize("moment", ["during an epoch", "while waiting for the server at the end"])
+def test_ctrl_c_with_the_server_gone_exits_130_within_2_seconds(server, slow_prepared, tmp_path, moment):
+    stage = Stage(tmp_path, slow_prepared, server.uri)
+    stage.start()
+    stage.wait_for(_epoch_done(1))
+    server.kill()
+    if moment == "during an epoch":
+        stage.wait_for(_epoch_done(2))
+        time.sleep(0.5)  # into epoch 3
+    else:
+        stage.wait_for(r"waiting up to \d+ s for it")
+        time.sleep(2)
+    interrupted = time.monotonic()
+    stage.process.send_signal(signal.SIGINT)
+    returncode, ended = stage.finish(timeout=60)
+    output = stage.output()
+    print(f"Ctrl-C {moment}: exit {returncode} after {ended - interrupted:.2f} s")
+    assert returncode == 130, output
+    assert ended - interrupted < 2, output
+    assert "interrupted; run the stage again (`dvc repro`) to resume training" in output, output
+    assert "Traceback" not in output, output
