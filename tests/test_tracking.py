@@ -6,8 +6,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 
 from alexnet8 import local_store, tracking
+from alexnet8.errors import PipelineError
 
 
 def test_runs_from_a_dvc_temporary_workspace_land_in_the_projects_store(tmp_path, monkeypatch):
@@ -84,3 +86,15 @@ def test_only_paths_under_the_old_project_root_are_rewritten(tmp_path, monkeypat
     client = mlflow.MlflowClient(local_store.store_uri(tmp_path / "moved"))
     assert client.get_experiment_by_name("elsewhere").artifact_location == sibling
     assert client.get_experiment_by_name("local").artifact_location == (tmp_path / "moved" / "mlruns").as_uri()
+
+
+def test_an_mlflow_error_in_a_later_stage_says_to_rerun_it_and_ends_the_run_failed(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    project.mkdir()
+    run_id = _run_logging_an_artifact(project, monkeypatch, "train")
+    with pytest.raises(PipelineError) as error, tracking.reopen_pipeline_run(project / "train.json"):
+        # What the client raises when the server's artifact store refuses a file.
+        raise MlflowException("API request failed: 503 Service Unavailable")
+    assert "did not take this stage's results (API request failed: 503 Service Unavailable)" in str(error.value)
+    assert f"rerun the stage (`dvc repro`) once it answers, to log them into run {run_id}" in str(error.value)
+    assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"

@@ -303,7 +303,8 @@ def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
 @contextlib.contextmanager
 def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
     """Reopen the finished run that the train stage recorded in `run_file`, for a later stage to
-    log into; the block gets the run file's record. The run ends FINISHED again, or FAILED on error."""
+    log into; the block gets the run file's record. The run ends FINISHED again, or FAILED on error;
+    an MLflow error in the block (a server gone away) becomes a PipelineError saying to rerun."""
     use_project_store()
     run_file = Path(run_file)
     try:
@@ -321,7 +322,14 @@ def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
     with _ended(run):
-        yield recorded
+        try:
+            yield recorded
+        except MlflowException as error:  # the server, or its artifact store, went away during the stage
+            raise PipelineError(
+                f"MLflow at {mlflow.get_tracking_uri()} did not take this stage's results "
+                f"({failure_reason(error)}): rerun the stage (`dvc repro`) once it answers, to log them "
+                f"into run {run_id}"
+            ) from None
 
 
 def default_run_name(params: Params) -> str:
