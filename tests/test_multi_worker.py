@@ -27,6 +27,7 @@ from alexnet8.multi_worker import (
     Cluster,
     check_last_batch,
     cluster_from_environment,
+    peer_failures_explained,
     per_worker_batch_size,
 )
 
@@ -78,6 +79,20 @@ def test_the_global_batch_must_split_evenly_over_the_workers():
     check_last_batch(90, 32, 2)  # a last batch of 26
     with pytest.raises(PipelineError, match="a last batch of 1 per epoch"):
         check_last_batch(97, 32, 2)
+
+
+def test_a_peer_failure_says_what_happened_and_from_which_epoch_to_resume(tmp_path):
+    (tmp_path / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    message = (
+        "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/task:1/device:CPU:0}} "
+        "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information"
+    )
+    with pytest.raises(PipelineError) as raised, peer_failures_explained(tmp_path):
+        raise tf.errors.UnavailableError(None, None, message)
+    assert str(raised.value) == (
+        "a worker of the multi-worker training stopped or cannot be reached (UnavailableError: Collective ops "
+        "is aborted by: recvmsg:Connection reset by peer): run all the workers again to resume after epoch 2"
+    )
 
 
 def _batches(dataset, count):

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,10 +217,11 @@ def peer_failures_explained(checkpoint_dir: str | Path) -> Iterator[None]:
     try:
         yield
     except tf.errors.OpError as error:
-        message = (error.message or "").strip().splitlines()
+        # The first line says what happened, after the name of the graph node it happened in.
+        lines = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message or "").strip().splitlines()
         raise PipelineError(
             "a worker of the multi-worker training stopped or cannot be reached "
-            f"({type(error).__name__}: {message[0] if message else 'no message'}): "
+            f"({type(error).__name__}: {lines[0] if lines else 'no message'}): "
             f"run all the workers again to resume after epoch {completed_epochs(checkpoint_dir)}"
         ) from None
 
