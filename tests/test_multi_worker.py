@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import PROJECT_ROOT, write_params
+from helpers import PROJECT_ROOT, load_script, write_params
 
 from alexnet8 import workers
 from alexnet8.dataset import load_split
@@ -141,6 +141,19 @@ def test_the_launchers_default_command_is_the_train_stage_of_dvc_yaml():
     command = workers.train_stage_command(PROJECT_ROOT / "dvc.yaml")
     assert command[:3] == ["python", "-m", "alexnet8.train"]
     assert "--checkpoints" in command and not any("${" in part for part in command)
+
+
+def test_the_scaling_model_breaks_even_where_compute_saved_equals_the_all_reduce():
+    model = load_script("bench/scaling_model.py")
+    assert round(model.GRADIENT_BYTES / 1e6, 1) == 38.6
+    bandwidth = 10e9 / 8
+    even = model.break_even_batch(rate=215, bandwidth=bandwidth)
+    assert even == pytest.approx(2 * 38.556712e6 * 215 / bandwidth)
+    for workers_count in (2, 4, 8):  # latency aside, N workers break even at the same batch
+        no_latency = model.step_seconds(workers_count, even, 215, bandwidth, latency=0)
+        assert no_latency == pytest.approx(model.step_seconds(1, even, 215, bandwidth))
+    assert model.speedup(8, 2048, 215, 100e9 / 8) == pytest.approx(7.96, abs=0.01)
+    assert "| 1 Gbit/s | 133 | 0.39x / 0.30x / 0.27x |" in model.table(215)
 
 
 # End to end: real worker processes on 127.0.0.1, on the tiny archive.

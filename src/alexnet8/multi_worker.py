@@ -10,7 +10,7 @@ applies the same update, so all hold the same weights. The chief (the `chief` ta
 when there is none) alone logs to MLflow and writes the stage's outputs and the checkpoint.
 
 Keras 3's `fit` does not run under this strategy as it comes (keras-team/keras#20585,
-keras-team/keras#21172); `prepare_for_fit` applies the two work-arounds that make it run.
+tensorflow/tensorflow#72388); `prepare_for_fit` applies the two work-arounds that make it run.
 """
 
 from __future__ import annotations
@@ -253,8 +253,8 @@ def prepare_for_fit(model: keras.Model, strategy: tf.distribute.Strategy, elemen
        is built here from the input's shapes instead, and that step is skipped.
     2. Each step's metrics are reduced across workers with `strategy.reduce("MEAN", value,
        axis=0)`, which fails for scalars (`Invalid reduction dimension 0 for input with 0
-       dimensions`, keras-team/keras#21172). Returning them as 1-element vectors makes that the
-       mean over workers.
+       dimensions`, tensorflow/tensorflow#72388). Returning them as 1-element vectors makes that
+       the mean over workers.
     """
     with strategy.scope():
         model._symbolic_build(data_batch=element_spec)
