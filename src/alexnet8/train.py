@@ -93,7 +93,16 @@ def train_model(
             if (Path(checkpoint_dir) / HISTORY_FILE).exists():
                 shutil.copyfile(Path(checkpoint_dir) / HISTORY_FILE, history)
             return _fit(
-                params, seed, train_split, validation_split, num_classes, checkpoint_dir, history, worker=worker
+                params,
+                seed,
+                train_split,
+                validation_split,
+                num_classes,
+                checkpoint_dir,
+                history,
+                callbacks=callbacks,
+                normalization=normalization,
+                worker=worker,
             )
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
     return _fit(
