@@ -196,10 +196,17 @@ def _weights(model_file: Path) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def two_worker_runs(prepared_dir, tmp_path_factory):
-    """The train stage on 2 workers, twice, and on 1 worker, with one MLflow store."""
+def two_worker_runs(tiny_archive, tmp_path_factory):
+    """The train stage on 2 workers, twice, and on 1 worker, with one MLflow store, on the tiny
+    archive prepared with standardization (an extra layer, whose statistics every worker needs)."""
+    from alexnet8.params import load_params
+    from alexnet8.preprocess import preprocess
+
     root = tmp_path_factory.mktemp("multi_worker")
-    params_file = write_params(root / "params.yaml", **TINY)
+    params_file = write_params(root / "params.yaml", **TINY, **{"preprocess.normalization": "standardize"})
+    params = load_params(params_file)
+    prepared_dir = root / "prepared"
+    preprocess(tiny_archive[0], prepared_dir, params.preprocess, params.seed)
     environment = _environment(root)
     folders = {name: root / name for name in ("two", "two_again", "one")}
     started = time.monotonic()
@@ -212,6 +219,7 @@ def two_worker_runs(prepared_dir, tmp_path_factory):
         _train_command(folders["one"], prepared_dir, params_file), env=environment, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+    folders["prepared"] = prepared_dir
     return root, params_file, folders
 
 
@@ -264,8 +272,9 @@ def _wait_for(process: subprocess.Popen, lines: list[str], text: str, deadline: 
 
 
 @pytest.mark.slow
-def test_a_killed_worker_stops_the_others_with_a_message_and_the_rerun_resumes(two_worker_runs, prepared_dir, tmp_path):
+def test_a_killed_worker_stops_the_others_with_a_message_and_the_rerun_resumes(two_worker_runs, tmp_path):
     _, params_file, folders = two_worker_runs
+    prepared_dir = folders["prepared"]
     params_file = write_params(tmp_path / "params.yaml", base=params_file)
     environment = _environment(tmp_path)
     command = _train_command(tmp_path, prepared_dir, params_file)
