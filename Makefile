@@ -6,6 +6,7 @@
 # The usual commands afterwards, without activating the environment:
 #   make recipe NAME=recipe-sgd    run a training recipe of recipes/ as a DVC experiment
 #   make ui                        browse the runs in MLflow (the URL it prints)
+#   make train-workers WORKERS=2   the train stage as 2 workers on this machine (docs/scaling.md)
 #   make stack-up / stack-down     the team stack: PostgreSQL, an S3 store and an MLflow server (docs/team.md)
 
 PYTHON ?= python3
@@ -20,7 +21,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 unexport PYTHONHOME
 
-.PHONY: setup pipeline test recipe ui stack-up stack-down stack-status lint format lock clean-env
+.PHONY: setup pipeline test recipe train-workers ui stack-up stack-down stack-status lint format lock clean-env
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
@@ -51,6 +52,12 @@ test: setup
 # with the params of recipes/NAME.yaml (and SET on top).
 recipe: setup
 	python -m alexnet8.recipe $(NAME) $(if $(EXP),--name $(EXP)) $(foreach item,$(SET),--set $(item))
+
+# dvc.yaml's train command as WORKERS processes of one MultiWorkerMirroredStrategy training on
+# 127.0.0.1; `dvc commit -f train` then records its outputs (docs/scaling.md).
+WORKERS ?= 2
+train-workers: setup
+	python -m alexnet8.workers --workers $(WORKERS)
 
 # MLflow 3's UI opens in its GenAI view; the workflowType parameter opens the model-training one.
 ui: setup

@@ -16,31 +16,44 @@ from alexnet8.dataset import ImageReader, Split
 from alexnet8.params import TrainParams
 
 
-def augment(images: tf.Tensor, seed: tf.Tensor, flip: bool, crop_padding: int, cutout_size: int = 0) -> tf.Tensor:
-    """Random horizontal flip, random crop of the reflect-padded image and cutout, per image, stateless in `seed`."""
+def augment(
+    images: tf.Tensor,
+    seed: tf.Tensor,
+    flip: bool,
+    crop_padding: int,
+    cutout_size: int = 0,
+    positions: tf.Tensor | None = None,
+    batch_length: tf.Tensor | None = None,
+) -> tf.Tensor:
+    """Random horizontal flip, random crop of the reflect-padded image and cutout, per image, stateless in `seed`.
+
+    With `positions`, `images` are the rows at those positions of a batch of `batch_length`
+    images (a worker's share, see make_dataset): the random draws are made for the whole batch
+    and these rows' taken, so each image is augmented exactly as it is in the whole batch.
+    """
     size = images.shape[1]
+
+    def draw(shape_tail, **arguments):
+        length = tf.shape(images)[0] if positions is None else batch_length
+        values = tf.random.stateless_uniform([length, *shape_tail], **arguments)
+        return values if positions is None else tf.gather(values, positions)
+
     if flip:
-        images = tf.image.stateless_random_flip_left_right(images, seed=seed)
+        # As tf.image.stateless_random_flip_left_right, with the draws of the whole batch.
+        flips = tf.round(draw([], seed=seed, minval=0, maxval=1.0)) > 0
+        images = tf.where(flips[:, None, None, None], tf.reverse(images, [2]), images)
     if crop_padding:
         padded = tf.pad(
             images, [[0, 0], [crop_padding, crop_padding], [crop_padding, crop_padding], [0, 0]], mode="REFLECT"
         )
-        offsets = tf.random.stateless_uniform(
-            [tf.shape(images)[0], 2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32
-        )
+        offsets = draw([2], seed=seed[::-1], minval=0, maxval=2 * crop_padding + 1, dtype=tf.int32)
         rows = offsets[:, :1] + tf.range(size)[None, :]
         columns = offsets[:, 1:] + tf.range(size)[None, :]
         images = tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), columns, axis=2, batch_dims=1)
     if cutout_size:
         # The square's centre is anywhere in the image, so it may hang over an edge (DeVries & Taylor, 2017).
         corners = (
-            tf.random.stateless_uniform(
-                [tf.shape(images)[0], 2],
-                seed=tf.random.experimental.stateless_fold_in(seed, 1),
-                minval=0,
-                maxval=size,
-                dtype=tf.int32,
-            )
+            draw([2], seed=tf.random.experimental.stateless_fold_in(seed, 1), minval=0, maxval=size, dtype=tf.int32)
             - cutout_size // 2
         )
         pixels = tf.range(size)[None, :]
@@ -60,6 +73,8 @@ def make_dataset(
     random_crop_padding: int = 0,
     cutout_size: int = 0,
     one_hot_classes: int = 0,
+    workers: int = 1,
+    rank: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (images, labels) of the split, read from its file batch by batch (ImageReader).
 
@@ -68,6 +83,10 @@ def make_dataset(
     (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
     would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
     With `one_hot_classes`, labels are one-hot vectors of that length (for label smoothing).
+
+    With `workers` > 1, the stream of worker `rank`: rows rank, rank + workers, ... of each batch
+    of `batch_size` (the global batch), read and augmented as in the whole batch, so the workers'
+    shares of a step together are exactly the one-worker batch. Only those rows are read.
     """
     reader = ImageReader(split)
     labels = tf.constant(np.asarray(split.labels))
@@ -82,8 +101,16 @@ def make_dataset(
             batch_labels = tf.one_hot(batch_labels, one_hot_classes)
         return tf.ensure_shape(images, [None, *image_shape]), batch_labels
 
+    def share(index):
+        # This worker's rows of a global batch: their positions in it, and their image indices.
+        positions = tf.range(rank, tf.shape(index, out_type=tf.int32)[0], workers)
+        return positions, tf.gather(index, positions)
+
     if shuffle_seed is None:
-        return _without_autotuning(tf.data.Dataset.range(count).batch(batch_size).map(read).prefetch(2))
+        batches = tf.data.Dataset.range(count).batch(batch_size)
+        if workers > 1:
+            batches = batches.map(lambda index: share(index)[1])
+        return _without_autotuning(batches.map(read).prefetch(2))
 
     seed = tf.constant(shuffle_seed, tf.int64)
 
@@ -93,9 +120,13 @@ def make_dataset(
         return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
 
     def read_and_augment(batch_seed, index):
+        positions = batch_length = None
+        if workers > 1:
+            batch_length = tf.shape(index, out_type=tf.int32)[0]
+            positions, index = share(index)
         images, batch_labels = read(index)
         if random_flip or random_crop_padding or cutout_size:
-            images = augment(images, batch_seed, random_flip, random_crop_padding, cutout_size)
+            images = augment(images, batch_seed, random_flip, random_crop_padding, cutout_size, positions, batch_length)
         return images, batch_labels
 
     batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
@@ -122,9 +153,16 @@ def one_hot_length(params: TrainParams, num_classes: int) -> int:
 
 
 def training_dataset(
-    params: TrainParams, split: Split, seed: int, num_classes: int, first_epoch: int = 0
+    params: TrainParams,
+    split: Split,
+    seed: int,
+    num_classes: int,
+    first_epoch: int = 0,
+    workers: int = 1,
+    rank: int = 0,
 ) -> tf.data.Dataset:
-    """The endless, shuffled and augmented training stream that `params` describe (see make_dataset)."""
+    """The endless, shuffled and augmented training stream that `params` describe (see make_dataset),
+    or worker `rank`'s share of it."""
     return make_dataset(
         split,
         params.batch_size,
@@ -134,4 +172,6 @@ def training_dataset(
         random_crop_padding=params.random_crop_padding,
         cutout_size=params.cutout_size,
         one_hot_classes=one_hot_length(params, num_classes),
+        workers=workers,
+        rank=rank,
     )

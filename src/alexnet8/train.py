@@ -9,17 +9,22 @@ validation, step = epoch), the model with a signature and an input example, and 
 (git commit, data md5s, params.yaml, dvc.lock, package versions).
 While training runs, `--checkpoints/<key>/` holds the state to resume from after an
 interruption (see checkpoints.py); it is deleted once the model is saved and logged.
+With `TF_CONFIG` set, this is one worker of a multi-worker training (multi_worker.py): the
+chief does all of the above; the other workers train their share of each batch and write nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import keras
+import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
@@ -39,6 +44,16 @@ from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.model import with_keras_batch_norm
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier, log_missing_epochs
+from alexnet8.multi_worker import (
+    WORKERS_TAG,
+    RestoreOnly,
+    Worker,
+    WorkerDropoutState,
+    check_last_batch,
+    join_cluster,
+    peer_failures_explained,
+    prepare_for_fit,
+)
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.reports import history_columns, truncate_history
@@ -68,54 +83,123 @@ def train_model(
     log_to_mlflow: bool = False,
     callbacks: Sequence[keras.callbacks.Callback] = (),
     normalization: Mapping | None = None,
+    worker: Worker | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Build, compile and fit AlexNet8 on the splits' raw pixels, normalized inside the model as
     `normalization` (dataset.json's) says, resuming from `checkpoint_dir` if an earlier run was
     interrupted.
 
     The caller deletes `checkpoint_dir` once the model is safe. Returns the model and the
-    per-epoch history of all epochs, including those of the interrupted run.
+    per-epoch history of all epochs, including those of the interrupted run. With `worker`, this
+    is one worker of a multi-worker training: a worker other than the chief reads the chief's
+    `checkpoint_dir` to resume from and writes nothing there.
     """
+    if worker is not None and not worker.is_chief:
+        with tempfile.TemporaryDirectory(prefix="alexnet8-worker-") as private:
+            history = Path(private) / HISTORY_FILE
+            if (Path(checkpoint_dir) / HISTORY_FILE).exists():
+                shutil.copyfile(Path(checkpoint_dir) / HISTORY_FILE, history)
+            return _fit(
+                params,
+                seed,
+                train_split,
+                validation_split,
+                num_classes,
+                checkpoint_dir,
+                history,
+                callbacks=callbacks,
+                normalization=normalization,
+                worker=worker,
+            )
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    return _fit(
+        params,
+        seed,
+        train_split,
+        validation_split,
+        num_classes,
+        checkpoint_dir,
+        Path(checkpoint_dir) / HISTORY_FILE,
+        log_to_mlflow,
+        callbacks,
+        normalization,
+        worker,
+    )
+
+
+def _fit(
+    params: TrainParams,
+    seed: int,
+    train_split: Split,
+    validation_split: Split,
+    num_classes: int,
+    checkpoint_dir: str | Path,
+    history_path: Path,
+    log_to_mlflow: bool = False,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    normalization: Mapping | None = None,
+    worker: Worker | None = None,
+) -> tuple[keras.Model, dict[str, list[float]]]:
     keras.utils.set_random_seed(seed)
     checkpoint_dir = Path(checkpoint_dir)
     first_epoch = completed_epochs(checkpoint_dir)
     if first_epoch:
         logger.info("resuming from %s after epoch %d of %d", checkpoint_dir, first_epoch, params.epochs)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    history_path = checkpoint_dir / HISTORY_FILE
     truncate_history(history_path, first_epoch)
 
     steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
-    with distribution_strategy().scope():
+    strategy = worker.strategy if worker else distribution_strategy()
+    with strategy.scope():
         model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
-    # BackupAndRestore needs a built optimizer to restore its state into.
-    model.optimizer.build(model.trainable_variables)
-    model.fit(
-        training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch),
-        validation_data=make_dataset(
-            validation_split, params.batch_size, one_hot_classes=one_hot_length(params, num_classes)
-        ),
-        epochs=params.epochs,
-        steps_per_epoch=steps_per_epoch,
-        shuffle=False,  # the dataset shuffles itself, per epoch
-        callbacks=[
-            # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
-            EpochProgress(steps_per_epoch, params.batch_size),
-            keras.callbacks.TerminateOnNaN(),
-            # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
-            # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
-            keras.callbacks.CSVLogger(str(history_path), append=True),
-            DropoutStateBackup(checkpoint_dir),
-            keras.callbacks.BackupAndRestore(str(checkpoint_dir), delete_checkpoint=False),
-            *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
-            *callbacks,
-        ],
-        verbose=0,  # EpochProgress reports instead
-    )
+        # BackupAndRestore needs a built optimizer to restore its state into.
+        model.optimizer.build(model.trainable_variables)
+    one_hot = one_hot_length(params, num_classes)
+    train_data = training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch)
+    validation_data = make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot)
+    backup = keras.callbacks.BackupAndRestore(str(checkpoint_dir), delete_checkpoint=False)
+    dropout_state = DropoutStateBackup(checkpoint_dir)
+    if worker:
+        workers, rank = worker.cluster.workers, worker.cluster.rank
+        worker.agree_on_epoch(first_epoch, params.epochs)
+        prepare_for_fit(model, strategy, train_data.element_spec)
+        train_data = worker.distribute(
+            lambda: training_dataset(params, train_split, seed, num_classes, first_epoch, workers, rank)
+        )
+        validation_data = worker.distribute(
+            lambda: make_dataset(
+                validation_split, params.batch_size, one_hot_classes=one_hot, workers=workers, rank=rank
+            )
+        )
+        dropout_state = WorkerDropoutState(checkpoint_dir, rank)
+        if not worker.is_chief:
+            backup = RestoreOnly(str(checkpoint_dir), delete_checkpoint=False)
+    # A dead or unreachable peer fails this worker with a message saying how to resume.
+    with peer_failures_explained(checkpoint_dir) if worker else contextlib.nullcontext():
+        model.fit(
+            train_data,
+            validation_data=validation_data,
+            epochs=params.epochs,
+            steps_per_epoch=steps_per_epoch,
+            shuffle=False,  # the dataset shuffles itself, per epoch
+            callbacks=[
+                # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
+                EpochProgress(steps_per_epoch, params.batch_size),
+                keras.callbacks.TerminateOnNaN(),
+                # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
+                # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
+                keras.callbacks.CSVLogger(str(history_path), append=True),
+                dropout_state,
+                backup,
+                *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
+                *callbacks,
+            ],
+            verbose=0,  # EpochProgress reports instead
+        )
     history = history_columns(history_path)
     losses = history.get("loss", [])
     if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
+        if worker is None or worker.is_chief:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
         raise TrainingDiverged(
             f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
             f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
@@ -126,13 +210,33 @@ def train_model(
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = cli.stage_parser("train").parse_args(argv)
     params = load_params(arguments.params)
-    check_tracking_server()
+    # With TF_CONFIG: the multi-worker strategy, made before any other TensorFlow op.
+    worker = join_cluster(params.train.batch_size)
+    chief = worker is None or worker.is_chief
+    if chief:
+        check_tracking_server()
 
     description = load_description(arguments.data)
     train_split = load_split(arguments.data, "train")
     validation_split = load_split(arguments.data, "validation")
-    this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
+    if worker is not None:
+        check_last_batch(len(train_split.labels), params.train.batch_size, worker.cluster.workers)
     train_params = configure_runtime(params.train)  # `jit_compile: auto` resolved for this machine
+    if not chief:
+        # Trains its share of each batch in step with the chief, which alone logs and writes.
+        train_model(
+            train_params,
+            params.seed,
+            train_split,
+            validation_split,
+            num_classes=len(description["class_names"]),
+            checkpoint_dir=Path(arguments.checkpoints) / training_key(params, description),
+            normalization=description["normalization"],
+            worker=worker,
+        )
+        logger.info("%s done: the chief saves and logs the model", worker.cluster.task)
+        return
+    this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
 
     run_name = default_run_name(params)
     with start_pipeline_run(
@@ -148,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             dataset_digest(arguments.data),
             derived={"jit_compile": train_params.jit_compile},
         )
+        mlflow.set_tag(WORKERS_TAG, str(worker.cluster.workers if worker else 1))
         model, history = train_model(
             train_params,
             params.seed,
@@ -157,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint_dir=this_checkpoint,
             log_to_mlflow=True,
             normalization=description["normalization"],
+            worker=worker,
         )
         with atomic_path(arguments.model, suffix=".keras") as temporary:
             with_keras_batch_norm(model).save(temporary)  # a file any Keras loads
