@@ -20,7 +20,7 @@ import logging
 import math
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import keras
@@ -94,37 +94,35 @@ def train_model(
     is one worker of a multi-worker training: a worker other than the chief reads the chief's
     `checkpoint_dir` to resume from and writes nothing there.
     """
-    if worker is not None and not worker.is_chief:
-        with tempfile.TemporaryDirectory(prefix="alexnet8-worker-") as private:
-            history = Path(private) / HISTORY_FILE
-            if (Path(checkpoint_dir) / HISTORY_FILE).exists():
-                shutil.copyfile(Path(checkpoint_dir) / HISTORY_FILE, history)
-            return _fit(
-                params,
-                seed,
-                train_split,
-                validation_split,
-                num_classes,
-                checkpoint_dir,
-                history,
-                callbacks=callbacks,
-                normalization=normalization,
-                worker=worker,
-            )
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    return _fit(
-        params,
-        seed,
-        train_split,
-        validation_split,
-        num_classes,
-        checkpoint_dir,
-        Path(checkpoint_dir) / HISTORY_FILE,
-        log_to_mlflow,
-        callbacks,
-        normalization,
-        worker,
-    )
+    with _history_file(Path(checkpoint_dir), worker) as history_path:
+        return _fit(
+            params,
+            seed,
+            train_split,
+            validation_split,
+            num_classes,
+            checkpoint_dir,
+            history_path,
+            log_to_mlflow,
+            callbacks,
+            normalization,
+            worker,
+        )
+
+
+@contextlib.contextmanager
+def _history_file(checkpoint_dir: Path, worker: Worker | None) -> Iterator[Path]:
+    """Where the per-epoch history goes: the checkpoint folder's, or for a worker other than the
+    chief, a private copy of it (it resumes from the chief's and writes nothing there)."""
+    if worker is None or worker.is_chief:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        yield checkpoint_dir / HISTORY_FILE
+        return
+    with tempfile.TemporaryDirectory(prefix="alexnet8-worker-") as private:
+        history = Path(private) / HISTORY_FILE
+        if (checkpoint_dir / HISTORY_FILE).exists():
+            shutil.copyfile(checkpoint_dir / HISTORY_FILE, history)
+        yield history
 
 
 def _fit(
