@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet8.model import FusedBatchNormalization, build_alexnet8, with_keras_batch_norm
+from alexnet8.model import (
+    FusedBatchNormalization,
+    build_alexnet8,
+    initialize_conv1_whitening,
+    whitening_kernel,
+    with_keras_batch_norm,
+)
 
 
 def test_parameter_count_matches_the_original():
@@ -150,3 +156,34 @@ def test_a_model_with_fused_batch_norm_saves_as_plain_keras_with_the_same_predic
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert type(loaded.get_layer("conv1_batchnorm")) is keras.layers.BatchNormalization
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+def _correlated_images(count=64, seed=0):
+    """Smooth, channel-correlated images, so that neighbouring pixels' values are far from white."""
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=(count, 34, 34, 1)) + 0.3 * rng.normal(size=(count, 34, 34, 3))
+    return (noise[:, :-2, :-2] + noise[:, 1:-1, 1:-1] + noise[:, 2:, 2:]).astype(np.float32)
+
+
+def test_whitening_kernel_whitens_the_patches_it_was_computed_from():
+    images = _correlated_images()
+    kernel = whitening_kernel(images, epsilon=1e-8)
+    assert kernel.shape == (3, 3, 3, 54)
+    responses = tf.nn.conv2d(images, kernel, strides=1, padding="VALID").numpy().reshape(-1, 54)
+    moments = responses.T @ responses / len(responses)
+    np.testing.assert_allclose(moments[:27, :27], np.eye(27), atol=1e-3)  # uncorrelated, unit second moment
+    np.testing.assert_allclose(kernel[..., 27:], -kernel[..., :27])  # the negated copies
+    norms = np.linalg.norm(kernel[..., :27].reshape(27, 27), axis=0)
+    assert np.all(np.diff(norms) >= 0)  # strongest component (smallest gain) first
+
+
+def test_whitening_init_sets_conv1s_first_54_filters_and_keeps_the_rest(seed=1):
+    keras.utils.set_random_seed(seed)
+    model = build_alexnet8(dense_units=16, normalization={"name": "unit"})
+    before = model.get_layer("conv1").get_weights()[0]
+    images = np.random.default_rng(seed).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    initialize_conv1_whitening(model, images)
+    kernel, bias = model.get_layer("conv1").get_weights()
+    np.testing.assert_allclose(kernel[..., :54], whitening_kernel(images / 255.0), rtol=1e-4, atol=1e-6)  # on [0, 1] inputs
+    np.testing.assert_array_equal(kernel[..., 54:], before[..., 54:])
+    assert not np.any(bias)

@@ -11,7 +11,7 @@ import pytest
 from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
 from alexnet8.dataset import Split
-from alexnet8.evaluate import evaluate_model
+from alexnet8.evaluate import evaluate_model, tta_probabilities
 from alexnet8.input_pipeline import make_dataset
 from alexnet8.model import build_alexnet8
 from alexnet8.optimization import build_optimizer, learning_rate_or_schedule
@@ -219,6 +219,21 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     mirror, _ = evaluate_model(model, mirrored, classes, batch_size=10, flip_tta=True)
     assert tta["loss"] != plain["loss"]
     assert tta["loss"] == pytest.approx(mirror["loss"], rel=1e-5)  # symmetric in the flip
+
+
+def test_translation_tta_weighs_the_image_half_and_each_reflect_shifted_copy_a_quarter():
+    model = build_alexnet8(dense_units=16)
+    images = _asymmetric_split(8).images
+    # Shifted by one pixel down-right and up-left, the border row and column mirrored (reflect padding).
+    down_right = images[:, [1, *range(31)]][:, :, [1, *range(31)]]
+    up_left = images[:, [*range(1, 32), 30]][:, :, [*range(1, 32), 30]]
+    expected = (
+        model.predict_on_batch(images) / 2
+        + model.predict_on_batch(down_right) / 4
+        + model.predict_on_batch(up_left) / 4
+    )
+    np.testing.assert_allclose(tta_probabilities(model, images, translate=1), expected, rtol=1e-5)
+    np.testing.assert_array_equal(tta_probabilities(model, images), model.predict_on_batch(images))
 
 
 @pytest.mark.parametrize(("precision", "compute_dtype"), [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])

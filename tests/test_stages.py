@@ -97,9 +97,11 @@ def test_stages_write_their_files(pipeline_outputs):
     assert set(rows[0]) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
     test_metrics = json.loads(paths["test_metrics"].read_text())
     assert (
-        set(test_metrics) == {"accuracy", "loss", "per_class_accuracy"}
+        set(test_metrics) == {"accuracy", "loss", "per_class_accuracy", "validation"}
         and len(test_metrics["per_class_accuracy"]) == 10
     )
+    # Without test-time augmentation, evaluate's validation accuracy is the last epoch's.
+    assert test_metrics["validation"]["accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
     with open(paths["predictions"]) as stream:
         assert len(list(csv.DictReader(stream))) == 40
     for figure in ("curves", "confusion"):

@@ -126,6 +126,44 @@ def with_keras_batch_norm(model: keras.Model) -> keras.Model:
     return copy
 
 
+def whitening_kernel(images: np.ndarray, epsilon: float = 5e-4) -> np.ndarray:
+    """A 3 x 3 convolution kernel that whitens the 3 x 3 patches of `images` (normalized, shape
+    N, H, W, channels): shape (3, 3, channels, 2 * 9 * channels).
+
+    The patches' second-moment matrix has eigenvectors v_i and eigenvalues l_i; filter i is
+    v_i / sqrt(l_i + epsilon), strongest component first, and filter 9 * channels + i is its
+    negative, so that the ReLU after it keeps both signs. airbench initializes its first layer so
+    (Jordan, 2024); epsilon is its value, for inputs of unit scale.
+    """
+    channels = images.shape[-1]
+    components = 3 * 3 * channels
+    moments, count = np.zeros((components, components)), 0
+    for start in range(0, len(images), 500):  # 500 images' patches at a time: 3.2 MB an image in float64
+        # (n, H-2, W-2, channels, 3, 3) -> rows of (3, 3, channels), the order of a Keras kernel's first axes.
+        windows = np.lib.stride_tricks.sliding_window_view(
+            np.asarray(images[start : start + 500], np.float64), (3, 3), axis=(1, 2)
+        )
+        patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, components)
+        moments += patches.T @ patches
+        count += len(patches)
+    eigenvalues, eigenvectors = np.linalg.eigh(moments / count)
+    order = np.argsort(eigenvalues)[::-1]
+    scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + epsilon)
+    return np.concatenate([scaled, -scaled], axis=1).reshape(3, 3, channels, 2 * components).astype(np.float32)
+
+
+def initialize_conv1_whitening(model: keras.Model, raw_images: np.ndarray) -> None:
+    """Initialize `model`'s conv1 to whiten the patches of `raw_images` (raw pixels, normalized as
+    the model normalizes them): its first 54 filters (of 96) get whitening_kernel, its bias 0; the
+    other filters keep their random initialization. conv1 then trains as any layer."""
+    conv1 = model.get_layer("conv1")
+    normalized = keras.Model(model.input, conv1.input)(np.asarray(raw_images), training=False)
+    kernel, bias = conv1.get_weights()
+    whitening = whitening_kernel(keras.ops.convert_to_numpy(normalized))[..., : kernel.shape[-1]]
+    kernel[..., : whitening.shape[-1]] = whitening
+    conv1.set_weights([kernel, np.zeros_like(bias)])
+
+
 def weights_digest(model: keras.Model) -> str:
     """sha256 of all the model's weight arrays, in order: equal digests mean bit-identical weights."""
     digest = hashlib.sha256()

@@ -92,6 +92,7 @@ class TrainParams(_Section):
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
+    whitening_images: Annotated[int, Field(ge=0)]
     jit_compile: BoolOrAuto
     fused_batch_norm: bool
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"]
@@ -107,6 +108,7 @@ class TrainParams(_Section):
 class EvaluateParams(_Section):
     batch_size: Annotated[int, Field(gt=0)]
     flip_tta: bool
+    tta_translate: Annotated[int, Field(ge=0, le=8)]
 
 
 class MlflowParams(_Section):

@@ -42,7 +42,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.model import with_keras_batch_norm
+from alexnet8.model import initialize_conv1_whitening, with_keras_batch_norm
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -149,6 +149,8 @@ def _fit(
     strategy = worker.strategy if worker else distribution_strategy()
     with strategy.scope():
         model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
+        if params.whitening_images:
+            initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
         # BackupAndRestore needs a built optimizer to restore its state into.
         model.optimizer.build(model.trainable_variables)
     one_hot = one_hot_length(params, num_classes)
