@@ -184,6 +184,8 @@ def test_whitening_init_sets_conv1s_first_54_filters_and_keeps_the_rest(seed=1):
     images = np.random.default_rng(seed).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
     initialize_conv1_whitening(model, images)
     kernel, bias = model.get_layer("conv1").get_weights()
-    np.testing.assert_allclose(kernel[..., :54], whitening_kernel(images / 255.0), rtol=1e-4, atol=1e-6)  # on [0, 1] inputs
+    np.testing.assert_allclose(
+        kernel[..., :54], whitening_kernel(images / 255.0), rtol=1e-4, atol=1e-6
+    )  # on [0, 1] inputs
     np.testing.assert_array_equal(kernel[..., 54:], before[..., 54:])
     assert not np.any(bias)

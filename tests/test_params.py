@@ -69,7 +69,7 @@ BAD_PARAMS = [
     ("train.lr_schedule", "step", "train.lr_schedule: Input should be 'constant' or 'warmup_cosine'"),
     ("train.warmup_fraction", 1.0, "train.warmup_fraction: Input should be less than 1"),
     ("train.weight_decay", -0.01, "train.weight_decay: Input should be greater than or equal to 0"),
-    ("train.random_flip", "yes", "train.random_flip: Input should be a valid boolean"),
+    ("train.random_flip", "yes", "train.random_flip: Value error, expected true, false or alternating, got 'yes'"),
     ("train.random_crop_padding", -4, "train.random_crop_padding: Input should be greater than or equal to 0"),
     ("train.cutout_size", 33, "train.cutout_size: Input should be less than or equal to 32"),
     ("train.label_smoothing", 1, "train.label_smoothing: Input should be less than 1"),

@@ -123,6 +123,34 @@ def test_random_flip_keeps_each_label_with_its_image():
     assert 10 < flipped < 54  # about half
 
 
+def _flipped_per_image(split, images):
+    """Whether each of the split's images appears mirrored in `images` (one epoch of them)."""
+    flipped = {}
+    for image in images:
+        [(index, mirrored)] = [
+            (index, mirrored)
+            for index, original in enumerate(split.images)
+            for mirrored, candidate in ((False, original), (True, original[:, ::-1]))
+            if np.array_equal(image, candidate)
+        ]
+        flipped[index] = mirrored
+    return np.array([flipped[index] for index in range(len(split.images))])
+
+
+def test_alternating_flip_shows_each_image_the_other_way_each_epoch():
+    split = _asymmetric_split()
+    dataset = make_dataset(split, 16, shuffle_seed=1, random_flip="alternating")
+    batches = list(dataset.take(3 * 4).as_numpy_iterator())  # 3 epochs of 4 batches
+    epochs = [np.concatenate([images for images, _ in batches[4 * epoch : 4 * epoch + 4]]) for epoch in range(3)]
+    first, second, third = (_flipped_per_image(split, images) for images in epochs)
+    assert 10 < first.sum() < 54  # about half, at random
+    np.testing.assert_array_equal(second, ~first)
+    np.testing.assert_array_equal(third, first)
+    resumed = make_dataset(split, 16, shuffle_seed=1, first_epoch=1, random_flip="alternating")
+    resumed_images = np.concatenate([images for images, _ in resumed.take(4).as_numpy_iterator()])
+    np.testing.assert_array_equal(_flipped_per_image(split, resumed_images), second)
+
+
 def test_random_crop_is_a_window_of_the_reflect_padded_image():
     split = _asymmetric_split()
     images, labels = _first_epoch(make_dataset(split, 16, shuffle_seed=1, random_crop_padding=4), 64, 16)

@@ -69,7 +69,7 @@ def make_dataset(
     batch_size: int,
     shuffle_seed: int | None = None,
     first_epoch: int = 0,
-    random_flip: bool = False,
+    random_flip: bool | str = False,
     random_crop_padding: int = 0,
     cutout_size: int = 0,
     one_hot_classes: int = 0,
@@ -83,6 +83,8 @@ def make_dataset(
     (seed, e, batch): training resumed at epoch k sees exactly the batches an uninterrupted run
     would (fit with `steps_per_epoch`). Without it, one pass in order, never augmented.
     With `one_hot_classes`, labels are one-hot vectors of that length (for label smoothing).
+    `random_flip` is True (each image at random), "alternating" (each image at random in epoch
+    0, then the other way from its last epoch) or False.
 
     With `workers` > 1, the stream of worker `rank`: rows rank, rank + workers, ... of each batch
     of `batch_size` (the global batch), read and augmented as in the whole batch, so the workers'
@@ -119,14 +121,24 @@ def make_dataset(
         numbered = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
         return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
 
+    if random_flip == "alternating":
+        # Derandomized flips (airbench, Jordan 2024): each image is seen both ways in any two
+        # consecutive epochs, from a fair coin per image in the first.
+        first_flips = tf.random.stateless_uniform([count], seed=tf.stack([seed, 2])) < 0.5
+
     def read_and_augment(batch_seed, index):
         positions = batch_length = None
         if workers > 1:
             batch_length = tf.shape(index, out_type=tf.int32)[0]
             positions, index = share(index)
         images, batch_labels = read(index)
-        if random_flip or random_crop_padding or cutout_size:
-            images = augment(images, batch_seed, random_flip, random_crop_padding, cutout_size, positions, batch_length)
+        if random_flip == "alternating":
+            odd_epoch = (batch_seed[1] // 1_000_000) % 2 == 1
+            flips = tf.not_equal(tf.gather(first_flips, index), odd_epoch)
+            images = tf.where(flips[:, None, None, None], tf.reverse(images, [2]), images)
+        flip = random_flip is True
+        if flip or random_crop_padding or cutout_size:
+            images = augment(images, batch_seed, flip, random_crop_padding, cutout_size, positions, batch_length)
         return images, batch_labels
 
     batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)

@@ -39,14 +39,19 @@ def _number(value: object) -> object:
 Number = Annotated[float, BeforeValidator(_number)]
 
 
-def _bool_or_auto(value: object) -> object:
-    """true, false or auto, and nothing that merely equals them (1 == True in Python)."""
-    if value is True or value is False or value == "auto":
-        return value
-    raise ValueError(f"expected true, false or auto, got {value!r}")
+def _bool_or(word: str) -> BeforeValidator:
+    """true, false or `word`, and nothing that merely equals them (1 == True in Python)."""
+
+    def validate(value: object) -> object:
+        if value is True or value is False or value == word:
+            return value
+        raise ValueError(f"expected true, false or {word}, got {value!r}")
+
+    return BeforeValidator(validate)
 
 
-BoolOrAuto = Annotated[bool | str, BeforeValidator(_bool_or_auto)]
+BoolOrAuto = Annotated[bool | str, _bool_or("auto")]
+BoolOrAlternating = Annotated[bool | str, _bool_or("alternating")]
 
 
 class _Section(BaseModel):
@@ -86,7 +91,7 @@ class TrainParams(_Section):
     warmup_fraction: Annotated[Number, Field(ge=0, lt=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     weight_decay: Annotated[Number, Field(ge=0)]
-    random_flip: bool
+    random_flip: BoolOrAlternating
     random_crop_padding: Annotated[int, Field(ge=0, le=16)]
     cutout_size: Annotated[int, Field(ge=0, le=32)]
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
