@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
@@ -95,6 +96,40 @@ def test_constant_schedule_and_optimizers(recipe, default_params):
         TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100
     )
     assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.momentum == 0.9
+
+
+def test_weight_averaging_saves_the_moving_average_of_every_steps_weights(prepared_dir, tmp_path, default_params):
+    from alexnet8.dataset import load_split
+    from alexnet8.train import train_model
+
+    class WeightsAfterEachStep(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.steps = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.steps.append([variable.numpy().copy() for variable in self.model.trainable_variables])
+
+    momentum = 0.6
+    params = TrainParams(
+        **(default_params.train.model_dump() | {"epochs": 2, "dense_units": 16, "ema_momentum": momentum})
+    )
+    recorder = WeightsAfterEachStep()
+    model, _ = train_model(
+        params,
+        1,
+        load_split(prepared_dir, "train"),
+        load_split(prepared_dir, "validation"),
+        10,
+        tmp_path / "checkpoints",
+        callbacks=[recorder],
+    )
+    average = recorder.steps[0]  # Keras starts the average at the first step's weights
+    for weights in recorder.steps[1:]:
+        average = [momentum * mean + (1 - momentum) * value for mean, value in zip(average, weights, strict=True)]
+    assert len(recorder.steps) == 2 * 3  # 90 images, batch 32
+    for saved, expected, last in zip(model.trainable_variables, average, recorder.steps[-1], strict=True):
+        np.testing.assert_allclose(saved.numpy(), expected, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(saved.numpy(), last)
 
 
 def _asymmetric_split(count=64):

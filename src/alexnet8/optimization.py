@@ -34,16 +34,20 @@ def learning_rate_or_schedule(
 
 
 def build_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """The optimizer `params` name. With `ema_momentum`, it keeps a moving average of the weights,
+    which `fit` writes into the model when it ends (Keras' `use_ema`)."""
     rate = learning_rate_or_schedule(params, steps_per_epoch)
+    averaging = {"use_ema": True, "ema_momentum": params.ema_momentum} if params.ema_momentum else {}
     if params.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=rate)
+        return keras.optimizers.Adam(learning_rate=rate, **averaging)
     if params.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=params.weight_decay)
+        return keras.optimizers.AdamW(learning_rate=rate, weight_decay=params.weight_decay, **averaging)
     return keras.optimizers.SGD(
         learning_rate=rate,
         momentum=params.momentum,
         nesterov=params.momentum > 0,
         weight_decay=params.weight_decay or None,
+        **averaging,
     )
 
 

@@ -91,6 +91,7 @@ class TrainParams(_Section):
     warmup_fraction: Annotated[Number, Field(ge=0, lt=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     weight_decay: Annotated[Number, Field(ge=0)]
+    ema_momentum: Annotated[Number, Field(ge=0, lt=1)]
     random_flip: BoolOrAlternating
     random_crop_padding: Annotated[int, Field(ge=0, le=16)]
     cutout_size: Annotated[int, Field(ge=0, le=32)]
