@@ -41,6 +41,12 @@ A run's JSON holds:
     test_accuracy, test_loss
                       from the evaluate stage, or null (not evaluated, or not recorded)
     commit, note      optional
+    knob              optional: what the run tried against the run it is based_on (same seed), for the
+                      search table
+    evaluated_validation_accuracy
+                      optional: validation accuracy of the saved model as the evaluate stage measured
+                      it, with the run's test-time augmentation (reports/test_metrics.json's
+                      validation.accuracy)
 
 Exit status: 0 done (or up to date), 1 out of date (with --check), 2 a missing or malformed file.
 """
@@ -160,6 +166,10 @@ def read_run(path: Path, recipes: Path) -> Run:
         value = record[field]
         if not isinstance(value, kinds) or isinstance(value, bool):
             raise ResultsError(f"{path}: field {field!r} has the wrong type ({type(value).__name__})")
+    if "knob" in record and not (isinstance(record["knob"], str) and record["based_on"]):
+        raise ResultsError(f"{path}: 'knob' must be a string, and the run based_on the run it is compared with")
+    if not unknown_or_fraction(record.get("evaluated_validation_accuracy")):
+        raise ResultsError(f"{path}: 'evaluated_validation_accuracy' must be a fraction or null")
     if record["run"] != path.stem:
         raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
     history = None
@@ -342,11 +352,75 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
     return table(["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "command"], rows)
 
 
+def search_table(runs: dict[str, Run], defaults: dict) -> str:
+    """The runs that tried one knob: validation accuracy against the run they are based on, same seed."""
+    rows = []
+    for run in sorted((run for run in runs.values() if "knob" in run.record), key=lambda run: run.record["date"]):
+        base = need(runs, run.record["based_on"] or "")
+        delta = run.validation_accuracy[-1] - base.validation_accuracy[-1]
+        rows.append(
+            [
+                run.record["knob"],
+                f"`{run.name}`",
+                f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
+                f"`{base.name}`",
+                str(run.record["seed"]),
+                fixed(run.record.get("evaluated_validation_accuracy")),
+            ]
+        )
+    header = ["knob tried", "run", "validation accuracy (change)", "against", "seed"]
+    return table([*header, "validation accuracy with the run's TTA"], rows)
+
+
+def mean_and_spread(values: Sequence[float]) -> str:
+    """`mean ± sample standard deviation`, 3 places; the mean alone for one value."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return fixed(mean)
+    spread = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{fixed(mean)} ± {fixed(spread)}"
+
+
+def seeds_table(runs: dict[str, Run], defaults: dict) -> str:
+    """Each set of params run with more than one seed: mean and standard deviation over its seeds
+    (one run a seed: a rerun of the same seed counts once), best mean test accuracy first."""
+    groups: dict[tuple, dict[int, Run]] = {}
+    for run in sorted(runs.values(), key=lambda run: run.name):
+        if run.record["test_accuracy"] is None or run.epochs_run != run.record["epochs"]:
+            continue
+        key = (run.record["recipe"], tuple(sorted(run.record.get("set", {}).items())))
+        groups.setdefault(key, {}).setdefault(run.record["seed"], run)
+    rows = []
+    for (recipe, extra), by_seed in groups.items():
+        if len(by_seed) < 2:
+            continue
+        seeds = sorted(by_seed)
+        chosen = [by_seed[seed] for seed in seeds]
+        settings = " ".join(f"-S {key}={yaml_value(value)}" for key, value in extra)
+        rows.append(
+            (
+                -sum(run.record["test_accuracy"] for run in chosen) / len(chosen),
+                [
+                    f"`recipes/{recipe}.yaml`" + (f" with `{settings}`" if settings else ""),
+                    ", ".join(map(str, seeds)),
+                    mean_and_spread([run.validation_accuracy[-1] for run in chosen]),
+                    mean_and_spread([run.record["test_accuracy"] for run in chosen]),
+                    ", ".join(f"`{run.name}`" for run in chosen),
+                ],
+            )
+        )
+    rows.sort(key=lambda row: row[0])
+    header = ["recipe", "seeds", "validation accuracy", "test accuracy", "runs"]
+    return table(header, [row for _, row in rows])
+
+
 TABLES: dict[str, Callable[[dict[str, Run], dict], str]] = {
     "readme": readme_table,
     "recipes": recipes_table,
     "original-epochs": original_epochs_table,
     "original-runs": original_runs_table,
+    "search": search_table,
+    "seeds": seeds_table,
 }
 
 

@@ -227,6 +227,29 @@ def test_a_run_may_set_params_on_top_of_its_recipe(docs_copy):
     )
 
 
+def test_seeds_table_gives_mean_and_spread_over_seeds_counting_a_rerun_once(docs_copy):
+    """recipe-sgd ran with seeds 42 (twice: recipe-sgd and recipe-sgd-rerun) and 7."""
+    tables = load_tables()
+    assert tables.main([], root=docs_copy) == 0
+    rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
+    # validation 0.7838 and 0.7764, test 0.7895 and 0.786: sample standard deviations 0.0052 and 0.0025
+    assert rows["| `recipes/recipe-sgd.yaml`"] == (
+        "| `recipes/recipe-sgd.yaml` | 7, 42 | 0.780 ± 0.005 | 0.788 ± 0.002 | `recipe-sgd-seed7`, `recipe-sgd` |"
+    )
+
+
+def test_search_table_gives_a_knobs_change_against_the_run_it_is_based_on(docs_copy, caplog):
+    tables = load_tables()
+    _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", based_on="recipe-sgd", knob="peak rate 0.1")
+    assert tables.main([], root=docs_copy) == 0
+    rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
+    # validation 0.781 against recipe-sgd's 0.7838, the same seed
+    assert rows["| peak rate 0.1"] == "| peak rate 0.1 | `recipe-sgd-lr01` | 0.781 (-0.003) | `recipe-sgd` | 42 | - |"
+    _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", based_on=None)
+    assert tables.main([], root=docs_copy) == 2
+    assert "recipe-sgd-lr01.json: 'knob' must be a string, and the run based_on" in caplog.text
+
+
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.stem)
 def test_each_result_file_holds_valid_params(path):
     """The run's params are params.yaml + its recipe + its `set` + its seed: what `make recipe` runs, and valid."""
