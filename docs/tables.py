@@ -353,21 +353,23 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
 
 
 def search_table(runs: dict[str, Run], defaults: dict) -> str:
-    """The runs that tried one knob: validation accuracy against the run they are based on, same seed."""
-    rows = []
-    for run in sorted((run for run in runs.values() if "knob" in run.record), key=lambda run: run.record["date"]):
-        base = need(runs, run.record["based_on"] or "")
-        delta = run.validation_accuracy[-1] - base.validation_accuracy[-1]
-        rows.append(
-            [
-                run.record["knob"],
-                f"`{run.name}`",
-                f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
-                f"`{base.name}`",
-                str(run.record["seed"]),
-                fixed(run.record.get("evaluated_validation_accuracy")),
-            ]
-        )
+    """The runs that tried a knob: validation accuracy against the run they are based on (same
+    seed), largest gain first."""
+    tried = []
+    for run in (run for run in runs.values() if "knob" in run.record):
+        base = need(runs, run.record["based_on"])
+        tried.append((run.validation_accuracy[-1] - base.validation_accuracy[-1], run, base))
+    rows = [
+        [
+            run.record["knob"],
+            f"`{run.name}`",
+            f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
+            f"`{base.name}`",
+            str(run.record["seed"]),
+            fixed(run.record.get("evaluated_validation_accuracy")),
+        ]
+        for delta, run, base in sorted(tried, key=lambda item: (-item[0], item[1].name))
+    ]
     header = ["knob tried", "run", "validation accuracy (change)", "against", "seed"]
     return table([*header, "validation accuracy with the run's TTA"], rows)
 
