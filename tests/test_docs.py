@@ -44,14 +44,17 @@ def test_the_figure_is_drawn_from_every_committed_history(tmp_path):
 
 
 # The commands docs/results.md gives for its figures.
+JPEG_COPY = "CIFAR-10 as a JPEG (quality 75) copy, md5 0f86bb969cf3561244b4124d383e2324"
+SOURCE_2026_11_29 = f"--source=Data: {JPEG_COPY}. Runs of 2026-11-29 on a 2-core AMD EPYC with AVX512_BF16."
 COMMITTED_FIGURES = {
     "recipes-2026-11-29.png": [
+        SOURCE_2026_11_29,
         f"original={history('original-defaults')}",
         f"recipe-lean={history('recipe-lean')}",
         f"recipe-sgd={history('recipe-sgd')}",
         f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
     ],
-    "original-defaults-curves.png": ["--stage", f"original={history('original-defaults')}"],
+    "original-defaults-curves.png": ["--stage", SOURCE_2026_11_29, f"original={history('original-defaults')}"],
 }
 
 

@@ -2,13 +2,14 @@
 """Accuracy and loss per epoch of one or more training runs: the figures of the docs.
 
 Usage:
-    python docs/figures/recipes_figure.py OUT.png NAME=HISTORY.csv [NAME=HISTORY.csv ...]
-    python docs/figures/recipes_figure.py --stage OUT.png NAME=HISTORY.csv
+    python docs/figures/recipes_figure.py [--source TEXT] OUT.png NAME=HISTORY.csv [NAME=HISTORY.csv ...]
+    python docs/figures/recipes_figure.py --stage [--source TEXT] OUT.png NAME=HISTORY.csv
 
 The first draws each run's validation (solid) and training (dashed) curves on one figure; with
 --stage, one run is drawn as the pipeline's plot stage draws reports/figures/training_curves.png.
 Each HISTORY.csv is a train stage's `reports/train_history.csv` (Keras' CSVLogger format), such
-as docs/results/<run>_history.csv. Reads only those files; writes OUT.png.
+as docs/results/<run>_history.csv. --source writes where the runs came from (data, machine,
+date) under the plots. Reads only those files; writes OUT.png.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from alexnet8.plot import curves_figure, read_history, save_figure
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", action="store_true", help="draw one run as the plot stage does")
+    parser.add_argument("--source", help="a line under the plots: the data, machine and date the runs came from")
     parser.add_argument("out")
     parser.add_argument("histories", nargs="+", metavar="NAME=HISTORY.csv")
     arguments = parser.parse_args(argv)
@@ -42,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if arguments.stage:
         if len(recipes) != 1:
             parser.error(f"--stage draws one run, got {len(recipes)}")
-        save_figure(curves_figure(recipes[0][1]), arguments.out)
+        save_figure(with_source(curves_figure(recipes[0][1]), arguments.source), arguments.out)
         return
     figure = Figure(figsize=(11, 4.2))
     accuracy_axes, loss_axes = figure.subplots(1, 2)
@@ -58,7 +60,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         axes.grid(alpha=0.3)
         axes.legend(fontsize="small")
     figure.tight_layout()
-    save_figure(figure, arguments.out)
+    save_figure(with_source(figure, arguments.source), arguments.out)
+
+
+def with_source(figure: Figure, source: str | None) -> Figure:
+    """`figure` with `source` written small under its plots (which move up to make room)."""
+    if source:
+        figure.text(0.5, 0.01, source, ha="center", va="bottom", fontsize="small", color="0.3")
+        figure.tight_layout(rect=(0, 0.05, 1, 1))
+    return figure
 
 
 if __name__ == "__main__":
