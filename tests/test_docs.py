@@ -124,7 +124,7 @@ def test_check_reports_a_stale_page_and_the_script_rewrites_it(docs_copy, caplog
     assert "| recipe |" not in readme.read_text()  # --check changes nothing
     assert tables.main([], root=docs_copy) == 0
     text = readme.read_text()
-    assert "| **recipe-sgd** | 0.784 | 0.790 | 699 s |" in text
+    assert "| recipe-sgd | 0.784 | 0.790 | 699 s |" in text
     assert tables.main(["--check"], root=docs_copy) == 0
     readme.write_text(text.replace("0.790", "0.791"))
     assert tables.main(["--check"], root=docs_copy) == 1
