@@ -55,6 +55,17 @@ COMMITTED_FIGURES = {
         f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
     ],
     "original-defaults-curves.png": ["--stage", SOURCE_2026_11_29, f"original={history('original-defaults')}"],
+    "round-two-2026-11-30.png": [
+        f"--source=Data: {JPEG_COPY}. recipe-sgd: 2026-11-29; the others: 2026-11-30; "
+        "a 2-core AMD EPYC with AVX512_BF16.",
+        f"recipe-sgd={history('recipe-sgd')}",
+        f"recipe-sgd seed 7={history('recipe-sgd-seed7')}",
+        f"label smoothing 0.2={history('recipe-sgd-ls02')}",
+        f"whitening init={history('recipe-sgd-white')}",
+        f"recipe-sgd-plus={history('recipe-sgd-plus')}",
+        f"recipe-sgd-plus seed 7={history('recipe-sgd-plus-seed7')}",
+        f"recipe-sgd-plus seed 1={history('recipe-sgd-plus-seed1')}",
+    ],
 }
 
 
