@@ -133,7 +133,7 @@ def make_dataset(
             positions, index = share(index)
         images, batch_labels = read(index)
         if random_flip == "alternating":
-            odd_epoch = (batch_seed[1] // 1_000_000) % 2 == 1
+            odd_epoch = (batch_seed[1] // 1_000_000) % 2 == 1  # epoch_batches numbers a batch epoch * 1_000_000 + n
             flips = tf.not_equal(tf.gather(first_flips, index), odd_epoch)
             images = tf.where(flips[:, None, None, None], tf.reverse(images, [2]), images)
         flip = random_flip is True
