@@ -94,20 +94,75 @@ def train_model(
     is one worker of a multi-worker training: a worker other than the chief reads the chief's
     `checkpoint_dir` to resume from and writes nothing there.
     """
-    with _history_file(Path(checkpoint_dir), worker) as history_path:
-        return _fit(
-            params,
-            seed,
-            train_split,
-            validation_split,
-            num_classes,
-            checkpoint_dir,
-            history_path,
-            log_to_mlflow,
-            callbacks,
-            normalization,
-            worker,
-        )
+    checkpoint_dir = Path(checkpoint_dir)
+    with _history_file(checkpoint_dir, worker) as history_path:
+        keras.utils.set_random_seed(seed)
+        first_epoch = completed_epochs(checkpoint_dir)
+        if first_epoch:
+            logger.info("resuming from %s after epoch %d of %d", checkpoint_dir, first_epoch, params.epochs)
+        truncate_history(history_path, first_epoch)
+
+        steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
+        strategy = worker.strategy if worker else distribution_strategy()
+        with strategy.scope():
+            model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
+            if params.whitening_images:
+                initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
+            # BackupAndRestore needs a built optimizer to restore its state into.
+            model.optimizer.build(model.trainable_variables)
+        one_hot = one_hot_length(params, num_classes)
+        train_data = training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch)
+        validation_data = make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot)
+        backup = keras.callbacks.BackupAndRestore(str(checkpoint_dir), delete_checkpoint=False)
+        dropout_state = DropoutStateBackup(checkpoint_dir)
+        if worker:
+            workers, rank = worker.cluster.workers, worker.cluster.rank
+            worker.agree_on_epoch(first_epoch, params.epochs)
+            prepare_for_fit(model, strategy, train_data.element_spec)
+            train_data = worker.distribute(
+                lambda: training_dataset(params, train_split, seed, num_classes, first_epoch, workers, rank)
+            )
+            validation_data = worker.distribute(
+                lambda: make_dataset(
+                    validation_split, params.batch_size, one_hot_classes=one_hot, workers=workers, rank=rank
+                )
+            )
+            dropout_state = WorkerDropoutState(checkpoint_dir, rank)
+            if not worker.is_chief:
+                backup = RestoreOnly(str(checkpoint_dir), delete_checkpoint=False)
+        # A dead or unreachable peer fails this worker with a message saying how to resume.
+        with peer_failures_explained(checkpoint_dir) if worker else contextlib.nullcontext():
+            model.fit(
+                train_data,
+                validation_data=validation_data,
+                epochs=params.epochs,
+                steps_per_epoch=steps_per_epoch,
+                shuffle=False,  # the dataset shuffles itself, per epoch
+                callbacks=[
+                    # Progress within each epoch (a bar on a terminal, a log line every ~10%
+                    # otherwise), then its metrics.
+                    EpochProgress(steps_per_epoch, params.batch_size),
+                    keras.callbacks.TerminateOnNaN(),
+                    # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
+                    # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
+                    keras.callbacks.CSVLogger(str(history_path), append=True),
+                    dropout_state,
+                    backup,
+                    *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
+                    *callbacks,
+                ],
+                verbose=0,  # EpochProgress reports instead
+            )
+        history = history_columns(history_path)
+        losses = history.get("loss", [])
+        if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
+            if worker is None or worker.is_chief:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
+            raise TrainingDiverged(
+                f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
+                f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
+            )
+        return model, history
 
 
 @contextlib.contextmanager
@@ -123,88 +178,6 @@ def _history_file(checkpoint_dir: Path, worker: Worker | None) -> Iterator[Path]
         if (checkpoint_dir / HISTORY_FILE).exists():
             shutil.copyfile(checkpoint_dir / HISTORY_FILE, history)
         yield history
-
-
-def _fit(
-    params: TrainParams,
-    seed: int,
-    train_split: Split,
-    validation_split: Split,
-    num_classes: int,
-    checkpoint_dir: str | Path,
-    history_path: Path,
-    log_to_mlflow: bool = False,
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-    normalization: Mapping | None = None,
-    worker: Worker | None = None,
-) -> tuple[keras.Model, dict[str, list[float]]]:
-    keras.utils.set_random_seed(seed)
-    checkpoint_dir = Path(checkpoint_dir)
-    first_epoch = completed_epochs(checkpoint_dir)
-    if first_epoch:
-        logger.info("resuming from %s after epoch %d of %d", checkpoint_dir, first_epoch, params.epochs)
-    truncate_history(history_path, first_epoch)
-
-    steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
-    strategy = worker.strategy if worker else distribution_strategy()
-    with strategy.scope():
-        model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
-        if params.whitening_images:
-            initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
-        # BackupAndRestore needs a built optimizer to restore its state into.
-        model.optimizer.build(model.trainable_variables)
-    one_hot = one_hot_length(params, num_classes)
-    train_data = training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch)
-    validation_data = make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot)
-    backup = keras.callbacks.BackupAndRestore(str(checkpoint_dir), delete_checkpoint=False)
-    dropout_state = DropoutStateBackup(checkpoint_dir)
-    if worker:
-        workers, rank = worker.cluster.workers, worker.cluster.rank
-        worker.agree_on_epoch(first_epoch, params.epochs)
-        prepare_for_fit(model, strategy, train_data.element_spec)
-        train_data = worker.distribute(
-            lambda: training_dataset(params, train_split, seed, num_classes, first_epoch, workers, rank)
-        )
-        validation_data = worker.distribute(
-            lambda: make_dataset(
-                validation_split, params.batch_size, one_hot_classes=one_hot, workers=workers, rank=rank
-            )
-        )
-        dropout_state = WorkerDropoutState(checkpoint_dir, rank)
-        if not worker.is_chief:
-            backup = RestoreOnly(str(checkpoint_dir), delete_checkpoint=False)
-    # A dead or unreachable peer fails this worker with a message saying how to resume.
-    with peer_failures_explained(checkpoint_dir) if worker else contextlib.nullcontext():
-        model.fit(
-            train_data,
-            validation_data=validation_data,
-            epochs=params.epochs,
-            steps_per_epoch=steps_per_epoch,
-            shuffle=False,  # the dataset shuffles itself, per epoch
-            callbacks=[
-                # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
-                EpochProgress(steps_per_epoch, params.batch_size),
-                keras.callbacks.TerminateOnNaN(),
-                # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
-                # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
-                keras.callbacks.CSVLogger(str(history_path), append=True),
-                dropout_state,
-                backup,
-                *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
-                *callbacks,
-            ],
-            verbose=0,  # EpochProgress reports instead
-        )
-    history = history_columns(history_path)
-    losses = history.get("loss", [])
-    if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
-        if worker is None or worker.is_chief:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
-        raise TrainingDiverged(
-            f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
-            f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
-        )
-    return model, history
 
 
 def main(argv: Sequence[str] | None = None) -> None:
