@@ -3,7 +3,7 @@
 
 Usage:
   python bench/benchmark.py ARCHIVE --reference SEED_SCRIPT [--train-images N] [--rounds R]
-         [--config NAME=key=value,key=value ...]
+         [--config NAME=key=value,key=value ...] [--intended-reference]
 
 ARCHIVE is a CIFAR-10 binary tar.gz; SEED_SCRIPT a script that takes `ARCHIVE --train-images N
 --epochs 1` and prints `train_images_per_second <float>` (the original AlexNet8 script as
@@ -96,6 +96,15 @@ def measure(command: list[str]) -> tuple[float, float, str]:
     return float(match.group(1) or match.group(2)), usage.ru_maxrss / 1024, output
 
 
+def with_training_argument(script: str) -> str:
+    """The reference script with its model's `call(self, x)` taking `training`, so that Keras 3
+    runs its batch norm and dropout in training mode during `fit`, as Keras 2 did."""
+    patched, count = re.subn(r"def call\(self, x\):", "def call(self, x, training=None):", script)
+    if count != 1:
+        raise SystemExit(f"--intended-reference: expected one `def call(self, x):` in the reference, found {count}")
+    return patched
+
+
 def parse_config(text: str) -> tuple[str, dict]:
     import yaml
 
@@ -116,6 +125,11 @@ def main() -> None:
     parser.add_argument(
         "--config", action="append", default=[], help="NAME=key=value,... (train.* overrides); repeatable"
     )
+    parser.add_argument(
+        "--intended-reference",
+        action="store_true",
+        help="also run the reference with batch norm and dropout in training mode (see above)",
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -129,17 +143,21 @@ def main() -> None:
 
     configs = dict(parse_config(text) for text in arguments.config) or {"ours": {}}
     params = load_params(PROJECT_ROOT / "params.yaml")
-    results: dict[str, list[tuple[float, float]]] = {"reference": [], **{name: [] for name in configs}}
     with tempfile.TemporaryDirectory() as folder:
+        references = {"reference": arguments.reference}
+        if arguments.intended_reference:
+            references["ref-intended"] = str(Path(folder) / Path(arguments.reference).name)
+            Path(references["ref-intended"]).write_text(with_training_argument(Path(arguments.reference).read_text()))
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in [*references, *configs]}
         prepared = Path(folder) / "prepared"
         preprocess(arguments.archive, prepared, params.preprocess, params.seed)
         for round_number in range(1, arguments.rounds + 1):
             runs = [
                 (
-                    "reference",
+                    name,
                     [
                         sys.executable,
-                        arguments.reference,
+                        script,
                         arguments.archive,
                         "--train-images",
                         str(arguments.train_images),
@@ -147,6 +165,7 @@ def main() -> None:
                         "1",
                     ],
                 )
+                for name, script in references.items()
             ]
             runs += [
                 (
@@ -176,11 +195,13 @@ def main() -> None:
         f"\nmedian of {arguments.rounds} rounds, {arguments.train_images} training images, "
         f"batch {params.train.batch_size}:"
     )
+    intended_speed = statistics.median(speed for speed, _ in results.get("ref-intended", [(0.0, 0.0)]))
     for name, values in results.items():
         speed = statistics.median(value for value, _ in values)
         memory = statistics.median(value for _, value in values)
+        against_intended = f", {speed / intended_speed:.2f}x ref-intended" if intended_speed else ""
         print(
-            f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference), "
+            f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference{against_intended}), "
             f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}"
         )
 

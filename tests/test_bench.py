@@ -3,6 +3,7 @@ docs/performance.md rests on them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from helpers import load_script
 
@@ -51,3 +52,45 @@ def test_the_serving_bench_reports_images_per_second_and_percentiles():
     lines = serving_speed.table([timing]).splitlines()
     assert lines[0] == "| path | batch | calls | images/s | p50 ms | p99 ms |"
     assert lines[2] == "| HTTP /invocations | 256 | 4 | 256.0 | 750.0 | 1,970.0 |"
+
+
+# The original script's model, in miniature and in its style: a subclassed model whose `call` takes
+# no `training`.
+REFERENCE_STYLE_SCRIPT = """
+import keras
+from keras.layers import BatchNormalization, Conv2D, Dense, Dropout, Flatten
+
+
+class Tiny(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.c1 = Conv2D(filters=4, kernel_size=(3, 3))
+        self.b1 = BatchNormalization()
+        self.flatten = Flatten()
+        self.d1 = Dropout(0.5)
+        self.f1 = Dense(2, activation="softmax")
+
+    def call(self, x):
+        return self.f1(self.d1(self.flatten(self.b1(self.c1(x)))))
+"""
+
+
+def _moving_mean_after_fit(script: str) -> np.ndarray:
+    namespace: dict = {}
+    exec(script, namespace)
+    model = namespace["Tiny"]()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    images = np.random.default_rng(0).random((8, 6, 6, 3), dtype=np.float32) + 1.0
+    model.fit(images, np.zeros(8, dtype=np.int64), batch_size=4, epochs=1, verbose=0)
+    return model.b1.moving_mean.numpy()
+
+
+def test_the_intended_reference_trains_its_batch_norm_which_the_script_as_written_does_not():
+    benchmark = load_script("bench/benchmark.py")
+    # As written, Keras 3 never tells the batch norm it is training: its statistics stay at 0 and 1.
+    assert not _moving_mean_after_fit(REFERENCE_STYLE_SCRIPT).any()
+    intended = benchmark.with_training_argument(REFERENCE_STYLE_SCRIPT)
+    assert "def call(self, x, training=None):" in intended
+    assert _moving_mean_after_fit(intended).any()
+    with pytest.raises(SystemExit, match="expected one `def call\\(self, x\\):` in the reference, found 0"):
+        benchmark.with_training_argument(intended)
