@@ -12,8 +12,8 @@ from alexnet8.model import (
     FusedBatchNormalization,
     build_alexnet8,
     initialize_conv1_whitening,
+    portable_model,
     whitening_kernel,
-    with_keras_batch_norm,
 )
 
 
@@ -146,7 +146,7 @@ def test_a_model_with_fused_batch_norm_saves_as_plain_keras_with_the_same_predic
     model = build_alexnet8(dense_units=32, fused_batch_norm=True)
     images = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     _one_training_step(model, images, np.arange(4))  # moving statistics away from their start
-    with_keras_batch_norm(model).save(tmp_path / "model.keras")
+    portable_model(model).save(tmp_path / "model.keras")
 
     with zipfile.ZipFile(tmp_path / "model.keras") as archive:
         config = archive.read("config.json").decode()

@@ -91,11 +91,11 @@ def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
 def test_constant_schedule_and_optimizers(recipe, default_params):
     assert learning_rate_or_schedule(default_params.train, 100) == 0.001
     adamw = build_optimizer(recipe.train, 100)
-    assert type(adamw).__name__ == "AdamW" and adamw.weight_decay == pytest.approx(0.0005)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.0005)
     sgd = build_optimizer(
         TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100
     )
-    assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.momentum == 0.9
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov and sgd.momentum == 0.9
 
 
 def test_weight_averaging_saves_the_moving_average_of_every_steps_weights(prepared_dir, tmp_path, default_params):

@@ -50,7 +50,7 @@ class FusedBatchNormalization(layers.BatchNormalization):
     the order of rounding differs. The moving statistics are updated as Keras does, with the
     batch's biased variance (the kernel returns the unbiased one). Inference, and any case the
     kernel does not cover (masks, other axes), is Keras' own code. A model is saved with Keras'
-    layer in its place (`with_keras_batch_norm`), so the file needs nothing of this package.
+    layer in its place (`portable_model`), so the file needs nothing of this package.
     """
 
     def call(self, inputs, training=None, mask=None):
@@ -111,17 +111,20 @@ def build_alexnet8(
     return keras.Model(inputs, outputs, name="alexnet8")
 
 
-def with_keras_batch_norm(model: keras.Model) -> keras.Model:
-    """`model` with Keras' BatchNormalization in place of every FusedBatchNormalization, same
-    weights: at inference the two compute the same, and a saved file of it loads anywhere."""
-    if not any(isinstance(layer, FusedBatchNormalization) for layer in model.layers):
-        return model
+def portable_model(model: keras.Model) -> keras.Model:
+    """`model` made only of Keras' own classes, same weights, compiled as `model` is: Keras'
+    BatchNormalization replaces every FusedBatchNormalization (at inference the two compute the
+    same), and a fused optimizer's Keras class (its `keras_class`) replaces it in the compile
+    config. A saved file of it loads anywhere."""
+    optimizer = getattr(model, "optimizer", None)
+    keras_optimizers = {type(optimizer).__name__: optimizer.keras_class} if hasattr(optimizer, "keras_class") else {}
 
     def keras_layer(layer):
         kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else type(layer)
         return kind.from_config(layer.get_config())
 
-    copy = keras.models.clone_model(model, clone_function=keras_layer)
+    with keras.saving.CustomObjectScope(keras_optimizers):  # clone_model recompiles from the config
+        copy = keras.models.clone_model(model, clone_function=keras_layer)
     copy.set_weights(model.get_weights())
     return copy
 

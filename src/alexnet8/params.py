@@ -101,6 +101,7 @@ class TrainParams(_Section):
     whitening_images: Annotated[int, Field(ge=0)]
     jit_compile: BoolOrAuto
     fused_batch_norm: bool
+    fused_optimizer: bool
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"]
     deterministic: bool
 

@@ -42,7 +42,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.model import initialize_conv1_whitening, with_keras_batch_norm
+from alexnet8.model import initialize_conv1_whitening, portable_model
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             worker=worker,
         )
         with atomic_path(arguments.model, suffix=".keras") as temporary:
-            with_keras_batch_norm(model).save(temporary)  # a file any Keras loads
+            portable_model(model).save(temporary)  # a file any Keras loads
         logger.info("saved %s", arguments.model)
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)

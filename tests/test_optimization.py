@@ -1,0 +1,105 @@
+"""The fused optimizers update weights as Keras' own do, up to rounding, wherever training runs."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet8.optimization import FusedAdam, FusedAdamW, FusedSGD, build_compiled_model, build_optimizer
+
+SCHEDULE = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=5, warmup_target=0.05, warmup_steps=2)
+
+PAIRS = {
+    "adam": lambda: (keras.optimizers.Adam(0.01), FusedAdam(0.01)),
+    "adam, schedule, moving average": lambda: (
+        keras.optimizers.Adam(SCHEDULE, use_ema=True, ema_momentum=0.5),
+        FusedAdam(SCHEDULE, use_ema=True, ema_momentum=0.5),
+    ),
+    "adamw": lambda: (keras.optimizers.AdamW(0.01, weight_decay=0.1), FusedAdamW(0.01, weight_decay=0.1)),
+    "sgd, nesterov": lambda: (
+        keras.optimizers.SGD(SCHEDULE, momentum=0.9, nesterov=True, weight_decay=0.01),
+        FusedSGD(SCHEDULE, momentum=0.9, nesterov=True, weight_decay=0.01),
+    ),
+    "sgd, momentum": lambda: (keras.optimizers.SGD(0.1, momentum=0.5), FusedSGD(0.1, momentum=0.5)),
+    "sgd": lambda: (keras.optimizers.SGD(0.1), FusedSGD(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_a_fused_optimizer_updates_weights_as_keras_does_up_to_rounding(name):
+    """Weights, moments and moving average after 5 steps of the same gradients, of sizes from
+    1 to 1e-6 (Adam divides by the root of the second moment: small gradients take full steps)."""
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(300, 40)).astype(np.float32)
+    gradients = [rng.normal(size=start.shape).astype(np.float32) * scale for scale in (1, 1e-3, 1e-6, 1, 0.1)]
+    results = []
+    for optimizer in PAIRS[name]():
+        weight = keras.Variable(start.copy())
+        optimizer.build([weight])
+        for gradient in gradients:
+            optimizer.apply_gradients([(tf.constant(gradient), weight)])
+        results.append((weight.numpy(), [variable.numpy() for variable in optimizer.variables]))
+    (keras_weight, keras_state), (fused_weight, fused_state) = results
+    assert not np.array_equal(keras_weight, start)
+    np.testing.assert_allclose(fused_weight, keras_weight, rtol=1e-6, atol=1e-6)
+    assert len(fused_state) == len(keras_state)  # same slots: checkpoints of either restore into the other
+    for fused, expected in zip(fused_state, keras_state, strict=True):
+        np.testing.assert_allclose(fused, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fused", "expected"),
+    [
+        ("adam", True, FusedAdam),
+        ("adamw", True, FusedAdamW),
+        ("sgd", True, FusedSGD),
+        ("adam", False, keras.optimizers.Adam),
+        ("sgd", False, keras.optimizers.SGD),
+    ],
+)
+def test_fused_optimizer_chooses_the_fused_kernels_or_keras_own(default_params, optimizer, fused, expected):
+    params = default_params.train.model_copy(update={"optimizer": optimizer, "fused_optimizer": fused})
+    assert type(build_optimizer(params, steps_per_epoch=10)) is expected
+
+
+def test_the_fused_update_runs_inside_an_xla_compiled_training_step(default_params):
+    """`jit_compile: auto` turns XLA on for AVX2-only CPUs: the fused kernel must compile there and
+    take the same first step (Adam's: about 0.001 for each weight with a gradient)."""
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    steps = []
+    for jit_compile in (False, True):
+        params = default_params.train.model_copy(update={"dense_units": 16, "dropout": 0.0, "jit_compile": jit_compile})
+        keras.utils.set_random_seed(3)
+        model = build_compiled_model(params, num_classes=10, steps_per_epoch=1)
+        assert isinstance(model.optimizer, FusedAdam)
+        before = model.get_layer("class_probabilities").get_weights()[0]
+        model.train_on_batch(images, np.arange(4))
+        steps.append(model.get_layer("class_probabilities").get_weights()[0] - before)
+    plain, xla = steps
+    assert np.median(np.abs(xla)) == pytest.approx(0.001, rel=0.01)
+    # Rounding may flip the sign of a step whose gradient is near zero, nothing more.
+    assert np.mean(np.isclose(xla, plain, atol=1e-5)) > 0.9
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_a_model_trained_with_a_fused_optimizer_saves_with_keras_own(default_params, tmp_path, optimizer):
+    from alexnet8.model import portable_model
+
+    params = default_params.train.model_copy(update={"dense_units": 16, "optimizer": optimizer, "momentum": 0.9})
+    model = build_compiled_model(params, num_classes=10, steps_per_epoch=1)
+    images = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    model.train_on_batch(images, np.arange(4))
+    portable_model(model).save(tmp_path / "model.keras")
+
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        config = archive.read("config.json").decode()
+    assert {module.split(".")[0] for module in re.findall(r'"module": "([^"]+)"', config)} == {"keras"}
+    loaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert type(loaded.optimizer) is type(model.optimizer).keras_class
+    assert loaded.optimizer.learning_rate.numpy() == pytest.approx(model.optimizer.learning_rate.numpy())
+    np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
