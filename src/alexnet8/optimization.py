@@ -38,7 +38,7 @@ class _FusedAdamUpdate:
     """Keras' Adam update of one weight, computed by TensorFlow's fused kernel (ResourceApplyAdam).
 
     Keras 3 updates each weight with a dozen separate ops, each a pass over the weight, its two
-    moments or a temporary: at batch 32 that took 8% of AlexNet8's training step, most of it in
+    moments or a temporary: at batch 32 that took 10% of AlexNet8's training step, most of it in
     the dense layers' 8.9 M weights. The kernel computes the same formula (moments, bias-corrected
     step size, epsilon added to the root of the second moment) in one pass, so only the order of
     rounding differs. Weight decay (AdamW) and the moving average (`use_ema`) stay Keras' own,
@@ -79,7 +79,7 @@ class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
 
 class FusedSGD(keras.optimizers.SGD):
     """Keras' SGD with momentum, each weight updated by TensorFlow's fused kernel
-    (ResourceApplyKerasMomentum: Keras' formula, Nesterov's too, in one pass instead of five)."""
+    (ResourceApplyKerasMomentum: Keras' formula, Nesterov's too, in one pass instead of several)."""
 
     keras_class = keras.optimizers.SGD
 
