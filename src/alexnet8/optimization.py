@@ -39,7 +39,7 @@ class _FusedAdamUpdate:
 
     Keras 3 updates each weight with a dozen separate ops, each a pass over the weight, its two
     moments or a temporary: at batch 32 that took 10% of AlexNet8's training step, most of it in
-    the dense layers' 8.9 M weights. The kernel computes the same formula (moments, bias-corrected
+    the dense layers' 6.3 M weights. The kernel computes the same formula (moments, bias-corrected
     step size, epsilon added to the root of the second moment) in one pass, so only the order of
     rounding differs. Weight decay (AdamW) and the moving average (`use_ema`) stay Keras' own,
     applied around this update as before.
