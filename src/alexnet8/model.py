@@ -117,7 +117,8 @@ def portable_model(model: keras.Model) -> keras.Model:
     same), and a fused optimizer's Keras class (its `keras_class`) replaces it in the compile
     config. A saved file of it loads anywhere."""
     optimizer = getattr(model, "optimizer", None)
-    keras_optimizers = {type(optimizer).__name__: optimizer.keras_class} if hasattr(optimizer, "keras_class") else {}
+    inner = getattr(optimizer, "inner_optimizer", None)  # inside mixed_float16's LossScaleOptimizer
+    keras_optimizers = {type(o).__name__: o.keras_class for o in (optimizer, inner) if hasattr(o, "keras_class")}
 
     def keras_layer(layer):
         kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else type(layer)
