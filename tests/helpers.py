@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -58,6 +60,14 @@ def set_params(path: Path, overrides: dict[str, object], base: Path | None = Non
 def write_params(path: Path, base: Path = PROJECT_ROOT / "params.yaml", **overrides: object) -> Path:
     """Copy params.yaml to `path`, setting dotted keys: write_params(p, **{"train.epochs": 2})."""
     return set_params(path, overrides, base=base)
+
+
+def saved_model_config(path: Path) -> tuple[str, set[str]]:
+    """A `.keras` file's config.json, and the top-level packages of the classes it names (all
+    "keras" when loading it needs nothing of this package)."""
+    with zipfile.ZipFile(path) as archive:
+        config = archive.read("config.json").decode()
+    return config, {module.split(".")[0] for module in re.findall(r'"module": "([^"]+)"', config)}
 
 
 def load_script(relative_path: str):

@@ -1,12 +1,10 @@
 """AlexNet8 is the original's network, layer for layer."""
 
-import re
-import zipfile
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import saved_model_config
 
 from alexnet8.model import (
     FusedBatchNormalization,
@@ -148,10 +146,9 @@ def test_a_model_with_fused_batch_norm_saves_as_plain_keras_with_the_same_predic
     _one_training_step(model, images, np.arange(4))  # moving statistics away from their start
     portable_model(model).save(tmp_path / "model.keras")
 
-    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
-        config = archive.read("config.json").decode()
+    config, packages = saved_model_config(tmp_path / "model.keras")
     # Every class in the file is Keras' own: loading it needs nothing of this package.
-    assert {module.split(".")[0] for module in re.findall(r'"module": "([^"]+)"', config)} == {"keras"}
+    assert packages == {"keras"}
     assert "FusedBatchNormalization" not in config
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     assert type(loaded.get_layer("conv1_batchnorm")) is keras.layers.BatchNormalization

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-import zipfile
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import saved_model_config
 
 from alexnet8.optimization import FusedAdam, FusedAdamW, FusedSGD, build_compiled_model, build_optimizer
 
@@ -103,9 +101,8 @@ def test_a_model_trained_with_a_fused_optimizer_saves_with_keras_own(default_par
     model.train_on_batch(images, np.arange(4))
     portable_model(model).save(tmp_path / "model.keras")
 
-    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
-        config = archive.read("config.json").decode()
-    assert {module.split(".")[0] for module in re.findall(r'"module": "([^"]+)"', config)} == {"keras"}
+    _, packages = saved_model_config(tmp_path / "model.keras")
+    assert packages == {"keras"}
     loaded = keras.saving.load_model(tmp_path / "model.keras")
     trained, saved = (getattr(o, "inner_optimizer", o) for o in (model.optimizer, loaded.optimizer))
     assert type(saved) is type(trained).keras_class
