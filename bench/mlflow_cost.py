@@ -34,9 +34,11 @@ def main() -> None:
 
     import numpy as np
 
+    from alexnet8.classifier_model import view_config
     from alexnet8.model import build_alexnet8
-    from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier
+    from alexnet8.model_tracking import EpochMetricsToMlflow
     from alexnet8.params import load_params
+    from alexnet8.served_model import log_classifier
     from alexnet8.tracking import log_run_inputs, start_pipeline_run
 
     params = load_params(PROJECT_ROOT / "params.yaml")
@@ -66,7 +68,8 @@ def main() -> None:
             epoch_metrics.on_train_end()
             seconds[f"summary, metrics of {arguments.epochs} epochs"] = time.perf_counter() - started
             started = time.perf_counter()
-            log_classifier(Path(folder) / "model.keras", Path(folder) / "dataset.json", class_names, images, "cost", 0)
+            model_file, dataset_file = Path(folder) / "model.keras", Path(folder) / "dataset.json"
+            log_classifier(model_file, dataset_file, class_names, view_config(), images, "cost", params={})
             seconds["the model"] = time.perf_counter() - started
         os.chdir(PROJECT_ROOT)
     for name, value in seconds.items():

@@ -14,6 +14,9 @@ each call (p50, p99):
   --env-manager local` on 127.0.0.1, one request at a time over a kept-alive connection. The
   request bodies are encoded once beforehand: client-side JSON encoding is not counted.
 
+In-process at batch 256 it also times the same network with test-time views (`flip_tta`, and
+`flip_tta` with `tta_translate: 1`): what a served model with those `evaluate.*` params costs.
+
 A few calls of each kind warm up first (tf.function tracing) and are not counted. Prints a
 markdown table, and the load average before and after: other work on the machine slows both paths.
 """
@@ -163,9 +166,10 @@ def main() -> None:
     import mlflow
     import requests
 
+    from alexnet8.classifier_model import ImageClassifier, view_config
     from alexnet8.model import build_alexnet8
-    from alexnet8.model_tracking import log_classifier
     from alexnet8.preprocess import CLASS_NAMES
+    from alexnet8.served_model import log_classifier
 
     logging.info("%s, %d CPUs; %s at the start", cpu_name(), os.cpu_count(), machine_load())
     images = np.random.default_rng(0).integers(0, 256, (max(BATCH_SIZES), 32, 32, 3), dtype=np.uint8)
@@ -179,10 +183,25 @@ def main() -> None:
         (folder / "dataset.json").write_text(json.dumps({"class_names": list(CLASS_NAMES)}))
         with mlflow.start_run():
             logged = log_classifier(
-                folder / "model.keras", folder / "dataset.json", list(CLASS_NAMES), images[:2], "serving-speed", 0
+                folder / "model.keras",
+                folder / "dataset.json",
+                list(CLASS_NAMES),
+                view_config(),
+                images[:2],
+                "serving-speed",
+                params={},
             )
 
         model = mlflow.pyfunc.load_model(logged.model_uri)
+        # What test-time views cost a served image: the same network with each view setting.
+        network = model.unwrap_python_model().network
+        batch = images[: max(BATCH_SIZES)]
+        for flip, translate in ((True, 0), (True, 1)):
+            with_views = ImageClassifier.assembled(network, list(CLASS_NAMES), view_config(flip, translate))
+            label = f"pyfunc predict, flip_tta={flip}, tta_translate={translate}"
+            timings.append(
+                time_calls(label, len(batch), calls[len(batch)], lambda c=with_views: c.predict(None, batch))
+            )
         for batch_size in BATCH_SIZES:
             batch = images[:batch_size]
             timings.append(

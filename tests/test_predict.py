@@ -19,10 +19,11 @@ from helpers import PROJECT_ROOT
 from PIL import Image
 
 from alexnet8 import cli, predict
+from alexnet8.classifier_model import view_config
 from alexnet8.dataset import DATASET_FILE
 from alexnet8.errors import DataError
 from alexnet8.model import build_alexnet8
-from alexnet8.model_tracking import log_classifier
+from alexnet8.served_model import log_classifier
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 GOOD = ["photo.jpg", "gray.png", "rgba.png", "palette.png", "cmyk.jpg", "gray16.png", "exact.png"]
@@ -280,12 +281,19 @@ def test_model_uri_replaces_model_and_data(capsys):
 
 
 def test_an_mlflow_model_uri_gives_what_the_keras_file_gives(images, workspace, tmp_path):
-    """The tiny model logged and registered as the train stage does, then predicted by alias."""
+    """The tiny model logged and registered as the evaluate stage does, then predicted by alias."""
     model, data = workspace
     mlflow.set_experiment("predict")  # not an experiment another test left active in another store
     with mlflow.start_run():
         logged = log_classifier(
-            model, data / DATASET_FILE, CLASS_NAMES, np.zeros((2, 32, 32, 3), np.uint8), "tiny", 0, "alexnet8-tiny"
+            model,
+            data / DATASET_FILE,
+            CLASS_NAMES,
+            view_config(),
+            np.zeros((2, 32, 32, 3), np.uint8),
+            "tiny",
+            params={},
+            registered_model_name="alexnet8-tiny",
         )
     mlflow.MlflowClient().set_registered_model_alias("alexnet8-tiny", "champion", logged.registered_model_version)
     files = _paths(images, GOOD)

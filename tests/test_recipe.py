@@ -12,9 +12,7 @@ import pytest
 from helpers import PROJECT_ROOT, minimal_environment, run_command, write_params
 
 from alexnet8.dataset import Split
-from alexnet8.evaluate import evaluate_model, tta_probabilities
 from alexnet8.input_pipeline import make_dataset
-from alexnet8.model import build_alexnet8
 from alexnet8.optimization import build_optimizer, learning_rate_or_schedule
 from alexnet8.params import TrainParams, load_params
 from alexnet8.recipe import checked_overrides, load_recipe, recipe_names
@@ -272,33 +270,6 @@ def test_validation_and_test_data_are_never_augmented():
     np.testing.assert_array_equal(images, split.images)
 
 
-def test_flip_tta_averages_an_image_and_its_mirror():
-    model = build_alexnet8(dense_units=16)
-    split = _asymmetric_split(20)
-    classes = [str(index) for index in range(10)]
-    plain, _ = evaluate_model(model, split, classes, batch_size=10)
-    tta, _ = evaluate_model(model, split, classes, batch_size=10, flip_tta=True)
-    mirrored = Split(images=np.ascontiguousarray(split.images[:, :, ::-1]), labels=split.labels)
-    mirror, _ = evaluate_model(model, mirrored, classes, batch_size=10, flip_tta=True)
-    assert tta["loss"] != plain["loss"]
-    assert tta["loss"] == pytest.approx(mirror["loss"], rel=1e-5)  # symmetric in the flip
-
-
-def test_translation_tta_weighs_the_image_half_and_each_reflect_shifted_copy_a_quarter():
-    model = build_alexnet8(dense_units=16)
-    images = _asymmetric_split(8).images
-    # Shifted by one pixel down-right and up-left, the border row and column mirrored (reflect padding).
-    down_right = images[:, [1, *range(31)]][:, :, [1, *range(31)]]
-    up_left = images[:, [*range(1, 32), 30]][:, :, [*range(1, 32), 30]]
-    expected = (
-        model.predict_on_batch(images) / 2
-        + model.predict_on_batch(down_right) / 4
-        + model.predict_on_batch(up_left) / 4
-    )
-    np.testing.assert_allclose(tta_probabilities(model, images, translate=1), expected, rtol=1e-5)
-    np.testing.assert_array_equal(tta_probabilities(model, images), model.predict_on_batch(images))
-
-
 @pytest.mark.parametrize(("precision", "compute_dtype"), [("mixed_float16", "float16"), ("mixed_bfloat16", "bfloat16")])
 def test_gpu_settings_run_on_the_cpu(prepared_dir, tmp_path, default_params, precision, compute_dtype):
     """Mixed precision and XLA are mostly for accelerators, but the same code path must run anywhere."""
@@ -355,15 +326,3 @@ def test_a_truncated_image_file_is_named(prepared_dir, tmp_path):
         stream.truncate(split.images_path.stat().st_size - 100)
     with pytest.raises(DataError, match=image_file("train")):
         ImageReader(split)(np.array([len(split.labels) - 1]))
-
-
-def test_evaluation_reads_the_test_file_batch_by_batch_with_keras_predictions(prepared_dir):
-    from alexnet8.dataset import load_split
-
-    model = build_alexnet8(dense_units=16)
-    split = load_split(prepared_dir, "test")
-    classes = [str(index) for index in range(10)]
-    metrics, predicted = evaluate_model(model, split, classes, batch_size=16)  # 40 images: a short last batch
-    expected = model.predict(np.asarray(split.images), batch_size=16, verbose=0).argmax(axis=1)
-    np.testing.assert_array_equal(predicted, expected)
-    assert metrics["accuracy"] == pytest.approx(np.mean(expected == np.asarray(split.labels)))

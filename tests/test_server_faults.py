@@ -10,22 +10,17 @@ port, and is killed with SIGKILL, as a crash or the OOM killer would; the train 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import mlflow
 import pytest
 from cifar_archive import make_cifar_archive
-from helpers import PROJECT_ROOT, activated_environment, write_params
+from helpers import PROJECT_ROOT, TrackingServer, activated_environment, write_params
 
 from alexnet8.params import load_params
 from alexnet8.tracking import RESTART_GRACE_SECONDS
@@ -35,58 +30,6 @@ pytestmark = pytest.mark.slow
 EPOCHS = 3
 PARAMS = {"train.epochs": EPOCHS, "train.batch_size": 16, "train.dense_units": 32}
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class TrackingServer:
-    """`mlflow server` on 127.0.0.1:`port` with its store in `folder`; started again on the same
-    port and store after a crash."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.folder / 'store.db'}",
-            "--artifacts-destination", str(self.folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-        ]  # fmt: skip
-        with open(self.folder / "server.log", "a") as log:
-            self.process = subprocess.Popen(
-                command,
-                env=activated_environment(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: uvicorn runs in a child process
-            )
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.process.poll() is None, (self.folder / "server.log").read_text()
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, (self.folder / "server.log").read_text()
-                time.sleep(0.25)
-
-    def kill(self) -> None:
-        """SIGKILL the server and every process of its group."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-    def client(self) -> mlflow.MlflowClient:
-        return mlflow.MlflowClient(tracking_uri=self.uri)
 
 
 @pytest.fixture

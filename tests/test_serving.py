@@ -1,8 +1,10 @@
 """The registered champion served by `mlflow models serve`, over real HTTP on 127.0.0.1.
 
-One small AlexNet8 (dense_units=64, trained for 8 epochs on the tiny archive) is logged with
-`log_classifier`, registered as `alexnet8-cifar10`, promoted to `champion` and served once for
-the module, from the activated environment as the README tells users to run `mlflow`.
+One small AlexNet8 (dense_units=64, trained for 8 epochs on the tiny archive by the train stage)
+is scored, logged, registered as `alexnet8-cifar10` and made `champion` by the evaluate stage
+with test-time views on (flip and 1-pixel shifts), then served once for the module, from the
+activated environment as the README tells users to run `mlflow`. Loaded as users load it, the
+champion scores what its registry tag, the metrics file and MLflow say.
 
 The answer to `POST /invocations` with `{"inputs": [image, ...]}` (or `{"instances": ...}`), each
 image a 32 x 32 x 3 nested list of 0-255 numbers, is, one object per image, in request order:
@@ -19,10 +21,10 @@ sees the request), the test is a strict xfail naming the upstream cause.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -32,14 +34,14 @@ import mlflow
 import numpy as np
 import pytest
 import requests
-from helpers import activated_environment
+from helpers import activated_environment, free_port, write_params
 
-from alexnet8.classifier_model import MAX_IMAGES
+from alexnet8.classifier_model import MAX_IMAGES, ImageClassifier
 from alexnet8.dataset import load_split
-from alexnet8.model import build_alexnet8
-from alexnet8.model_tracking import log_classifier
+from alexnet8.evaluate import main as evaluate_main
 from alexnet8.preprocess import CLASS_NAMES
-from alexnet8.registry import CHAMPION, promote
+from alexnet8.registry import CHAMPION
+from alexnet8.train import main as train_main
 
 pytestmark = pytest.mark.slow
 
@@ -49,12 +51,6 @@ REQUEST_SECONDS = 120
 SHORT = 1024  # bytes: an error body must say what is wrong without echoing the request
 IMAGES = 16  # test images per good request
 JSON = "application/json"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -85,44 +81,71 @@ class Server:
         return response.json()["predictions"]
 
 
+TEST_TIME_VIEWS = {"evaluate.flip_tta": True, "evaluate.tta_translate": 1}
+# A small AlexNet8 trained until it tells the tiny archive's classes apart (dense_units=16 or
+# dropout collapse to one class at near-uniform probabilities, where a last-digit difference could
+# flip the argmax).
+PIPELINE = {"train.epochs": 8, "train.batch_size": 16, "train.dense_units": 64, "train.dropout": 0.0}
+
+
 @pytest.fixture(scope="module")
-def trained(prepared_dir, tmp_path_factory):
-    """A small AlexNet8 trained until it tells the tiny archive's classes apart (dense_units=16 or
-    dropout collapse to one class at near-uniform probabilities, where a last-digit difference could
-    flip the argmax); (folder, network)."""
+def evaluated(prepared_dir, tmp_path_factory) -> tuple[Path, str]:
+    """The train and evaluate stages, as dvc runs them, with test-time views on, into a fresh
+    store: (folder, tracking URI)."""
     folder = tmp_path_factory.mktemp("served")
-    train = load_split(prepared_dir, "train")
-    keras.utils.set_random_seed(0)
-    network = build_alexnet8(dense_units=64, dropout=0.0)
-    network.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
-    network.fit(np.asarray(train.images), np.asarray(train.labels), epochs=8, batch_size=16, verbose=0)
-    network.save(folder / "model.keras")
-    (folder / "dataset.json").write_text(json.dumps({"class_names": list(CLASS_NAMES)}))
-    return folder, network
-
-
-@pytest.fixture(scope="module")
-def server(trained, prepared_dir):
-    """The registered champion behind `mlflow models serve` on a free 127.0.0.1 port."""
-    folder, _ = trained
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
         patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
-        mlflow.set_experiment("served")  # not an experiment another test left active in another store
-        with mlflow.start_run():
-            logged = log_classifier(
-                folder / "model.keras",
-                folder / "dataset.json",
-                list(CLASS_NAMES),
-                np.asarray(load_split(prepared_dir, "test").images[:2]),
-                "served",
-                step=0,
-                registered_model_name=REGISTERED_NAME,
-            )
-        assert promote(REGISTERED_NAME, str(logged.registered_model_version), test_accuracy=0.1)
+        params = str(write_params(folder / "params.yaml", **PIPELINE, **TEST_TIME_VIEWS))
+        common = ["--params", params, "--data", str(prepared_dir), "--run-file", "models/run.json"]
+        train_main(
+            [*common, "--model", "models/model.keras", "--history", "history.csv", "--metrics", "train.json"]
+            + ["--checkpoints", "checkpoints"]
+        )
+        evaluate_main(
+            [*common, "--model", "models/model.keras", "--metrics", "test.json", "--predictions", "predictions.csv"]
+            + ["--served-model", "models/served_model.json"]
+        )
         mlflow.set_tracking_uri(None)
+    return folder, tracking_uri
 
+
+@pytest.fixture(scope="module")
+def served_in_process(evaluated) -> ImageClassifier:
+    """The trained network with the test-time views evaluate scored with, in this process."""
+    folder, _ = evaluated
+    views = json.loads((folder / "models/served_model.json").read_text())["views"]
+    network = keras.models.load_model(folder / "models/model.keras")
+    return ImageClassifier.assembled(network, list(CLASS_NAMES), views)
+
+
+def test_the_champion_loaded_as_users_load_it_scores_what_the_registry_and_the_reports_say(
+    evaluated, prepared_dir, monkeypatch
+):
+    folder, tracking_uri = evaluated
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(REGISTERED_NAME, CHAMPION)
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}@{CHAMPION}")
+    assert model.metadata.flavors["python_function"]["config"] == {"flip_tta": True, "tta_translate": 1}
+    split = load_split(prepared_dir, "test")
+    answered = list(model.predict(np.asarray(split.images))["class"])
+    accuracy = float(np.mean(np.asarray(CLASS_NAMES)[np.asarray(split.labels)] == np.asarray(answered)))
+
+    reported = json.loads((folder / "test.json").read_text())["accuracy"]
+    evaluation_run = client.get_run(champion.run_id)
+    assert accuracy == reported == evaluation_run.data.metrics["test_accuracy"]
+    assert champion.tags["test_accuracy"] == f"{accuracy:.4f}"
+    with open(folder / "predictions.csv") as stream:
+        assert answered == [row["predicted"] for row in csv.DictReader(stream)]
+    assert "predicted in 6 views (flip_tta=True, tta_translate=1)" in champion.description
+
+
+@pytest.fixture(scope="module")
+def server(evaluated):
+    """The registered champion behind `mlflow models serve` on a free 127.0.0.1 port."""
+    folder, tracking_uri = evaluated
     port = free_port()
     log = folder / "server.log"
     command = ["mlflow", "models", "serve", "-m", f"models:/{REGISTERED_NAME}@{CHAMPION}"]
@@ -161,13 +184,15 @@ def test_images(prepared_dir) -> np.ndarray:
     return np.array(load_split(prepared_dir, "test").images[:IMAGES])
 
 
-def in_process(network: keras.Model, images: np.ndarray) -> tuple[list[str], np.ndarray]:
-    probabilities = network.predict(images, batch_size=len(images), verbose=0)
+def in_process(classifier: ImageClassifier, images: np.ndarray) -> tuple[list[str], np.ndarray]:
+    probabilities = classifier.probabilities(images)
     return [CLASS_NAMES[index] for index in probabilities.argmax(axis=1)], probabilities
 
 
-def test_the_champion_answers_with_the_in_process_models_classes_and_probabilities(server, trained, test_images):
-    expected_classes, expected_probabilities = in_process(trained[1], test_images)
+def test_the_champion_answers_with_the_in_process_models_classes_and_probabilities(
+    server, served_in_process, test_images
+):
+    expected_classes, expected_probabilities = in_process(served_in_process, test_images)
     predictions = server.predict({"inputs": test_images.tolist()})
 
     assert len(predictions) == IMAGES
@@ -280,6 +305,6 @@ def test_an_empty_batch_is_refused_as_empty(server):
     assert response.status_code == 400 and "got 0" in response.json()["message"]
 
 
-def test_the_server_still_answers_after_all_the_bad_requests(server, trained, test_images):
-    expected_classes, _ = in_process(trained[1], test_images)
+def test_the_server_still_answers_after_all_the_bad_requests(server, served_in_process, test_images):
+    expected_classes, _ = in_process(served_in_process, test_images)
     assert [row["class"] for row in server.predict({"inputs": test_images.tolist()})] == expected_classes

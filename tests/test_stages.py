@@ -40,6 +40,7 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
                 "train_metrics": "reports/train.json",
                 "test_metrics": "reports/test.json",
                 "predictions": "reports/predictions.csv",
+                "served_model": "models/served_model.json",
                 "curves": "reports/curves.png",
                 "confusion": "reports/confusion.png",
             }.items()
@@ -71,6 +72,8 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
                 str(paths["test_metrics"]),
                 "--predictions",
                 str(paths["predictions"]),
+                "--served-model",
+                str(paths["served_model"]),
             ]
         )
         plot_main(
@@ -111,7 +114,7 @@ def test_stages_write_their_files(pipeline_outputs):
     assert leftovers == []  # no temporary files left behind
 
 
-def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipeline_outputs, prepared_dir):
+def test_the_training_run_has_its_params_per_epoch_metrics_figures_and_provenance(pipeline_outputs, prepared_dir):
     paths, tracking_uri = pipeline_outputs
     run_id = json.loads(paths["run_file"].read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_uri)
@@ -126,10 +129,8 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     assert run.data.tags["data.archive_md5"] == json.loads((prepared_dir / "dataset.json").read_text())["archive_md5"]
     for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
         assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
-    test_metrics = json.loads(paths["test_metrics"].read_text())
-    assert run.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
-    assert run.data.metrics["test_loss"] == pytest.approx(test_metrics["loss"])
-    assert not any(name.startswith("validation_") for name in run.data.metrics)  # no duplicate step-0 copies
+    assert not [name for name in run.data.params if name.startswith("evaluate.")]  # the evaluation's own
+    assert not any(name.startswith(("test_", "validation_")) for name in run.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "figures")}
     assert artifacts == {"figures/curves.png", "figures/confusion.png"}
 
@@ -144,18 +145,35 @@ def test_mlflow_has_params_per_epoch_metrics_test_metrics_figures_and_model(pipe
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_the_evaluation_is_its_own_run_under_the_training_with_its_params_and_metrics(pipeline_outputs):
+    paths, tracking_uri = pipeline_outputs
+    training_run_id = json.loads(paths["run_file"].read_text())["run_id"]
+    served = json.loads(paths["served_model"].read_text())
+    client = mlflow.MlflowClient(tracking_uri)
+    evaluation = client.get_run(served["run_id"])
+    assert evaluation.info.status == "FINISHED" and served["training_run_id"] == training_run_id
+    assert evaluation.data.tags["mlflow.parentRunId"] == training_run_id
+    assert evaluation.data.params["evaluate.flip_tta"] == "False"
+    test_metrics = json.loads(paths["test_metrics"].read_text())
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
+    assert evaluation.data.metrics["test_loss"] == pytest.approx(test_metrics["loss"])
+    assert evaluation.data.metrics["validation_accuracy"] == pytest.approx(test_metrics["validation"]["accuracy"])
+
+
 def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline_outputs, prepared_dir):
     paths, tracking_uri = pipeline_outputs
-    record = json.loads(paths["run_file"].read_text())
+    served = json.loads(paths["served_model"].read_text())
     mlflow.set_tracking_uri(tracking_uri)
-    logged = mlflow.get_logged_model(record["model_id"])
-    assert logged.source_run_id == record["run_id"] and logged.name == "adam-lr0_001-b16-e2-unit"
-    # Linked to the last epoch's metrics and to the test metrics.
-    steps = {(metric.key, metric.step) for metric in logged.metrics}
-    assert {("val_accuracy", 1), ("accuracy", 1)} <= steps and ("val_accuracy", 0) not in steps
-    assert "test_accuracy" in {metric.key for metric in logged.metrics}
+    logged = mlflow.get_logged_model(served["model_id"])
+    assert logged.source_run_id == served["run_id"] and logged.name == "adam-lr0_001-b16-e2-unit"
+    assert logged.params["evaluate.tta_translate"] == "0" and served["views"] == {"flip_tta": False, "tta_translate": 0}
+    assert {"test_accuracy", "validation_accuracy"} <= {metric.key for metric in logged.metrics}
+    # The logged model names the data its metrics came from (MLflow's "Datasets used").
+    assert {(metric.dataset_name, metric.dataset_digest) for metric in logged.metrics} == {
+        ("cifar-10", load_description(prepared_dir)["archive_md5"])
+    }
 
-    classifier = mlflow.pyfunc.load_model(f"models:/{record['model_id']}")
+    classifier = mlflow.pyfunc.load_model(served["model_uri"])
     test_images = load_split(prepared_dir, "test").images[:8]  # the archive's raw uint8 pixels
     table = classifier.predict(np.asarray(test_images))
     class_names = load_description(prepared_dir)["class_names"]
@@ -168,13 +186,17 @@ def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline
     assert (signature["tensor-spec"]["dtype"], signature["tensor-spec"]["shape"]) == ("uint8", (-1, 32, 32, 3))
 
 
-def test_each_run_registers_a_version_that_is_the_candidate_and_the_first_champion(pipeline_outputs):
+def test_each_evaluation_registers_a_version_that_is_the_candidate_and_the_first_champion(pipeline_outputs):
     paths, tracking_uri = pipeline_outputs
-    record = json.loads(paths["run_file"].read_text())
+    served = json.loads(paths["served_model"].read_text())
     client = mlflow.MlflowClient(tracking_uri)
     version = client.get_model_version_by_alias("alexnet8-cifar10", "champion")
-    assert str(version.version) == record["model_version"] == "1" and version.aliases == ["candidate", "champion"]
+    assert str(version.version) == served["version"] == "1" and version.aliases == ["candidate", "champion"]
     assert version.tags["champion.compared_with"] == "no champion before"
+    assert version.run_id == served["run_id"]
+    accuracy = json.loads(paths["test_metrics"].read_text())["accuracy"]
+    assert version.tags["test_accuracy"] == f"{accuracy:.4f}" and int(version.tags["test_images"]) == 40
+    assert "uint8 RGB pixels 0-255, shape (n, 32, 32, 3)" in version.description
 
 
 def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tmp_path):
@@ -194,22 +216,7 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
                 str(tmp_path / "m.json"),
                 "--predictions",
                 str(tmp_path / "p.csv"),
+                "--served-model",
+                str(tmp_path / "s.json"),
             ]
         )
-
-
-def test_champion_moves_only_to_a_version_with_a_better_test_accuracy():
-    from alexnet8.registry import promote
-
-    client = mlflow.MlflowClient()
-    client.create_registered_model("classifier")
-    versions = [client.create_model_version("classifier", source="mlflow-artifacts:/none").version for _ in range(3)]
-    assert promote("classifier", versions[0], 0.60)
-    assert not promote("classifier", versions[1], 0.55)  # worse: candidate only
-    assert str(client.get_model_version_by_alias("classifier", "champion").version) == str(versions[0])
-    assert str(client.get_model_version_by_alias("classifier", "candidate").version) == str(versions[1])
-    assert client.get_model_version("classifier", versions[1]).tags["champion.compared_with"] == (
-        "version 1 (test accuracy 0.6000)"
-    )
-    assert promote("classifier", versions[2], 0.61)
-    assert str(client.get_model_version_by_alias("classifier", "champion").version) == str(versions[2])

@@ -65,13 +65,14 @@ STAGES = {
         interrupted="interrupted; run the stage again (`dvc repro`) to resume training after the last completed epoch",
     ),
     "evaluate": Stage(
-        "Stage `evaluate`: score the trained model on the test split.",
+        "Stage `evaluate`: assemble the served model, score it, log and register it.",
         {
             "--model": "trained model (.keras)",
             "--data": "prepared dataset folder",
-            "--run-file": "JSON naming the MLflow run",
+            "--run-file": "JSON naming the training's MLflow run",
             "--metrics": "test metrics JSON to write",
             "--predictions": "per-image predictions CSV to write",
+            "--served-model": "JSON naming the logged and registered model to write",
         },
     ),
     "plot": Stage(

@@ -1,18 +1,25 @@
-"""Stage `evaluate`: score the trained model on the test split.
+"""Stage `evaluate`: assemble the served model, score it, log and register it.
 
 Reads: the model `--model`, the prepared folder `--data` (test and validation splits, class
-names), the run file `--run-file`; params `evaluate.*`.
-Writes: `--metrics` (JSON: test accuracy, test loss, accuracy per class, and validation accuracy
-and loss with the same test-time augmentation, for `dvc metrics`) and
-`--predictions` (CSV: actual and predicted class of every test image, the confusion matrix's
-source for `dvc plots` and the plot stage). Logs the test metrics into the training's MLflow run
-and its logged model; with a registered model, makes the new version the `candidate` and, if it
-beats the `champion` on test accuracy, the champion (registry.py).
+names, the archive's md5), the run file `--run-file` (the training's MLflow run); params
+`evaluate.*`, `fetch.url`, `mlflow.registered_model_name`.
+Writes: `--metrics` (JSON: test accuracy, loss and accuracy per class, and validation accuracy
+and loss, for `dvc metrics`), `--predictions` (CSV: actual and predicted class of every test
+image, for `dvc plots` and the plot stage) and `--served-model` (JSON: the evaluation's run, the
+logged model and its registered version, for `predict`).
+
+The served model is the trained network with the test-time views `evaluate.*` set
+(classifier_model.py); it is scored through the very code that serves it, so every number here
+is what its users get. Each evaluation is its own MLflow run, nested under the training's run,
+with the `evaluate.*` params, the metrics and the logged model; with a registered model name the
+model is a new version, made the `candidate`, and the `champion` if it is the best on the same
+test images (registry.py). A changed `evaluate.*` param makes a new version without retraining.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,14 +29,16 @@ import mlflow
 import numpy as np
 
 from alexnet8 import cli
-from alexnet8.dataset import ImageReader, Split, load_description, load_split
+from alexnet8.classifier_model import ImageClassifier, view_config, views_per_image
+from alexnet8.dataset import DATASET_FILE, ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
 from alexnet8.params import load_params
 from alexnet8.progress import progress_bar
-from alexnet8.registry import promote
+from alexnet8.registry import Evaluation, promote
 from alexnet8.reports import write_predictions
-from alexnet8.tracking import reopen_pipeline_run
+from alexnet8.served_model import ServedModelRecord, log_classifier, version_description, write_record
+from alexnet8.tracking import archive_dataset, read_run_file, start_evaluation_run
 
 logger = logging.getLogger(__name__)
 
@@ -52,55 +61,26 @@ def load_trained_model(path: str | Path) -> keras.Model:
         raise DataError(f"{path}: cannot load the model: {error}") from None
 
 
-def tta_probabilities(model: keras.Model, images: np.ndarray, flip: bool = False, translate: int = 0) -> np.ndarray:
-    """Class probabilities of a batch of raw images, averaged over test-time views.
-
-    With `flip`, each view's are the mean of its own and its mirror image's. With `translate`,
-    the image shifted `translate` pixels up-left and down-right (reflect-padded) are two more
-    views, weighted 1/4 each against 1/2 for the unshifted image, as airbench's TTA (Jordan, 2024).
-    """
-
-    def view_probabilities(view):
-        probabilities = model.predict_on_batch(view)
-        return (probabilities + model.predict_on_batch(view[:, :, ::-1])) / 2 if flip else probabilities
-
-    probabilities = view_probabilities(images)
-    if translate:
-        size = images.shape[1]
-        padded = np.pad(images, [(0, 0), (translate, translate), (translate, translate), (0, 0)], mode="reflect")
-        shifted = (padded[:, :size, :size], padded[:, 2 * translate :, 2 * translate :])
-        probabilities = probabilities / 2 + sum(view_probabilities(view) for view in shifted) / 4
-    return probabilities
-
-
 def evaluate_model(
-    model: keras.Model,
-    split: Split,
-    class_names: Sequence[str],
-    batch_size: int,
-    flip_tta: bool = False,
-    tta_translate: int = 0,
-    split_name: str = "test",
+    classifier: ImageClassifier, split: Split, batch_size: int, split_name: str = "test"
 ) -> tuple[dict, np.ndarray]:
-    """Loss, accuracy and per-class accuracy on the split; and the predicted class of every image.
-
-    Probabilities come from tta_probabilities with `flip_tta` and `tta_translate`. Images are
-    read batch by batch (ImageReader), so the split is never copied into the process.
-    """
+    """Loss, accuracy and per-class accuracy on the split, and the predicted class of
+    every image, as the served model answers (`classifier.probabilities`, its test-time views
+    included). Images are read batch by batch (ImageReader), so the split is never copied."""
     labels = np.asarray(split.labels).astype(np.int64)
     reader = ImageReader(split)
     batches = []
     with progress_bar(len(labels), f"predicting the {split_name} split", "images") as progress:
         for start in range(0, len(labels), batch_size):
             images = reader(np.arange(start, min(start + batch_size, len(labels))))
-            batches.append(tta_probabilities(model, images, flip_tta, tta_translate))
+            batches.append(classifier.probabilities(images))
             progress.update(len(images))
     probabilities = np.concatenate(batches)
     predicted = probabilities.argmax(axis=1)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probabilities))
     per_class = {
         name: float(np.mean(predicted[labels == index] == index)) if np.any(labels == index) else None
-        for index, name in enumerate(class_names)
+        for index, name in enumerate(classifier.class_names)
     }
     metrics = {"accuracy": float(np.mean(predicted == labels)), "loss": loss, "per_class_accuracy": per_class}
     return metrics, predicted
@@ -110,43 +90,81 @@ def main(argv: Sequence[str] | None = None) -> None:
     arguments = cli.stage_parser("evaluate").parse_args(argv)
     params = load_params(arguments.params)
 
-    class_names = load_description(arguments.data)["class_names"]
+    description = load_description(arguments.data)
+    class_names = description["class_names"]
+    views = view_config(params.evaluate.flip_tta, params.evaluate.tta_translate)
+    classifier = ImageClassifier.assembled(load_trained_model(arguments.model), class_names, views)
     test_split = load_split(arguments.data, "test")
-    model = load_trained_model(arguments.model)
-    tta = {"flip_tta": params.evaluate.flip_tta, "tta_translate": params.evaluate.tta_translate}
-    with reopen_pipeline_run(arguments.run_file) as record:
-        metrics, predicted = evaluate_model(model, test_split, class_names, params.evaluate.batch_size, **tta)
-        # Recipes, test-time augmentation included, are chosen on validation accuracy, never on test.
-        validation, _ = evaluate_model(
-            model,
-            load_split(arguments.data, "validation"),
+    metrics, predicted = evaluate_model(classifier, test_split, params.evaluate.batch_size)
+    # Recipes, test-time views included, are chosen on validation accuracy, never on test.
+    validation_split = load_split(arguments.data, "validation")
+    validation, _ = evaluate_model(classifier, validation_split, params.evaluate.batch_size, "validation")
+    metrics["validation"] = {"accuracy": validation["accuracy"], "loss": validation["loss"]}
+    labels = np.asarray(test_split.labels)
+    evaluation = Evaluation(int(np.sum(predicted == labels)), len(labels), description["archive_md5"])
+
+    training = read_run_file(arguments.run_file)
+    with start_evaluation_run(arguments.run_file, evaluation_run_name()) as run:
+        evaluate_params = {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()}
+        mlflow.log_params(evaluate_params)
+        mlflow.set_tags({"data.archive_md5": description["archive_md5"], "training_run_id": training["run_id"]})
+        logged = log_classifier(
+            arguments.model,
+            Path(arguments.data) / DATASET_FILE,
             class_names,
-            params.evaluate.batch_size,
-            **tta,
-            split_name="validation",
+            views,
+            example_images=test_split.images[:2],
+            name=mlflow.get_run(training["run_id"]).info.run_name,
+            params=evaluate_params,
+            registered_model_name=params.mlflow.registered_model_name or None,
         )
-        metrics["validation"] = {"accuracy": validation["accuracy"], "loss": validation["loss"]}
-        write_json(arguments.metrics, metrics)
-        write_predictions(arguments.predictions, np.asarray(test_split.labels), predicted, class_names)
         mlflow.log_metrics(
-            {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-            | {"evaluated_val_accuracy": validation["accuracy"], "evaluated_val_loss": validation["loss"]}
-            | {
-                f"test_accuracy_{name}": value
-                for name, value in metrics["per_class_accuracy"].items()
-                if value is not None
-            },
-            model_id=record.get("model_id"),  # the logged model shows its test metrics too
+            metric_names(metrics),
+            model_id=logged.model_id,  # the logged model shows them, with its data set
+            dataset=archive_dataset(params.fetch.url, description["archive_md5"]),
         )
+        version = logged.registered_model_version
+        if version is not None:
+            name = params.mlflow.registered_model_name
+            mlflow.MlflowClient().update_model_version(
+                name, str(version), version_description(class_names, views, evaluation.describe())
+            )
+            promote(name, str(version), evaluation)
+        write_json(arguments.metrics, metrics)
+        write_predictions(arguments.predictions, labels, predicted, class_names)
         mlflow.log_artifact(arguments.metrics)
-        if record.get("model_version"):
-            promote(record["registered_model"], record["model_version"], metrics["accuracy"])
+        served = ServedModelRecord(
+            run_id=run.info.run_id,
+            training_run_id=training["run_id"],
+            model_id=logged.model_id,
+            model_uri=logged.model_uri,
+            views=views,
+            registered_model=params.mlflow.registered_model_name if version is not None else None,
+            version=str(version) if version is not None else None,
+        )
+        write_record(arguments.served_model, served)
     logger.info(
-        "test accuracy %.4f, test loss %.4f (validation accuracy %.4f)",
+        "served model: test accuracy %.4f, test loss %.4f, validation accuracy %.4f (%d view(s) per image)",
         metrics["accuracy"],
         metrics["loss"],
         validation["accuracy"],
+        views_per_image(views),
     )
+
+
+def evaluation_run_name() -> str:
+    """The evaluation run's name: the DVC experiment's under `dvc exp run`, else `evaluate`."""
+    return os.environ.get("DVC_EXP_NAME") or "evaluate"
+
+
+def metric_names(metrics: dict) -> dict[str, float]:
+    """The metrics file's numbers under MLflow's names (the file's keys joined by `_`)."""
+    flat = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
+    flat |= {f"validation_{key}": value for key, value in metrics["validation"].items()}
+    flat |= {
+        f"test_accuracy_{name}": value for name, value in metrics["per_class_accuracy"].items() if value is not None
+    }
+    return flat
 
 
 if __name__ == "__main__":

@@ -1,38 +1,25 @@
-"""What training logs to MLflow besides its params: each epoch's metrics, and the trained model.
+"""What training logs to MLflow besides its params: each epoch's metrics.
 
-Reads: the training history CSV (to log epochs an interrupted run finished but did not log), the
-saved `.keras` model and dataset.json (logged with the model).
+Reads: the training history CSV (to log epochs an interrupted run finished but did not log).
 Writes: into the active MLflow run only.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from pathlib import Path
 
 import keras
 import mlflow
-import numpy as np
-import tensorflow as tf
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
-from alexnet8 import classifier_model
 from alexnet8.reports import history_rows
 from alexnet8.tracking import failure_reason, wait_for_tracking_server
 
 logger = logging.getLogger(__name__)
-
-PIP_REQUIREMENTS = [
-    f"keras=={keras.__version__}",
-    f"tensorflow=={tf.__version__}",
-    f"numpy=={np.__version__}",
-]
 
 
 class EpochMetricsToMlflow(keras.callbacks.Callback):
@@ -166,35 +153,3 @@ def log_missing_epochs(history_path: str | Path) -> None:
     for epoch, row in enumerate(history_rows(history_path)):
         if epoch not in logged:
             _log_epoch(client, run_id, epoch, row)
-
-
-def classifier_signature(class_names: list[str]) -> ModelSignature:
-    """uint8 RGB pixels (n, 32, 32, 3) in; the class name and each class's probability out."""
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *classifier_model.IMAGE_SHAPE))]),
-        outputs=Schema([ColSpec("string", "class"), *(ColSpec("double", name) for name in class_names)]),
-    )
-
-
-def log_classifier(
-    model_path: str | Path,
-    dataset_file: str | Path,
-    class_names: list[str],
-    example_images: np.ndarray,
-    name: str,
-    step: int,
-    registered_model_name: str | None = None,
-) -> mlflow.models.model.ModelInfo:
-    """Log the trained model as an MLflow model that takes raw pixels and answers with class names
-    (classifier_model.py), linked to the metrics of epoch `step`; with `registered_model_name`,
-    also as a new version of that registered model."""
-    return mlflow.pyfunc.log_model(
-        name=re.sub(r"[/:.%\"']", "_", name),  # characters MLflow refuses in model names
-        python_model=Path(classifier_model.__file__),
-        artifacts={"keras_model": str(model_path), "dataset": str(dataset_file)},
-        signature=classifier_signature(class_names),
-        input_example=np.asarray(example_images[:2]),
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=registered_model_name,
-        step=step,
-    )

@@ -1,9 +1,10 @@
 """Command `predict`: the trained model's class for each of your own image files.
 
 Reads: the image files (anything Pillow opens: PNG, JPEG, GIF, BMP, TIFF, WebP...); the model,
-by default the workspace's `--model` (models/model.keras) with the class names of `--data`
-(data/prepared/dataset.json), or with `--model-uri` any MLflow model URI of the logged
-classifier (`models:/alexnet8-cifar10@champion`, `runs:/<run id>/<name>`, `models:/m-...`).
+by default the workspace's served model: `--model` (models/model.keras) with the class names of
+`--data` (data/prepared/dataset.json) and the test-time views of `--served-model`
+(models/served_model.json, the evaluate stage's record), or with `--model-uri` any MLflow model
+URI of the logged classifier (`models:/alexnet8-cifar10@champion`, `models:/m-...`).
 Writes: one line per image to stdout (file, class, its probability); with `--out`, a CSV
 (file, class, probability, then each class's probability), atomically. Files that can not be
 read are logged by name and the others still predicted; the exit status is then 1.
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "models/model.keras"
 DEFAULT_DATA = "data/prepared"
+DEFAULT_SERVED_MODEL = "models/served_model.json"  # the evaluate stage's record: the views it scored with
 BATCH_SIZE = 256  # images per forward pass: a thousand files never sit in memory at full size
 SIDE = IMAGE_SHAPE[0]
 BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as a browser or viewer shows them
@@ -193,33 +195,45 @@ def write_predictions_csv(path: str | Path, table: pd.DataFrame) -> None:
         )
 
 
-def workspace_classifier(model_path: str | Path, prepared_dir: str | Path) -> Classifier:
-    """The trained `.keras` model with dataset.json's class names, answering as the logged MLflow
-    model does: it is the same code (classifier_model.ImageClassifier), given the files MLflow
-    would give it as artifacts."""
-    import mlflow
-
+def workspace_classifier(
+    model_path: str | Path, prepared_dir: str | Path, served_record: str | Path | None = None
+) -> Classifier:
+    """The trained `.keras` model with dataset.json's class names and the test-time views the
+    evaluate stage recorded in `served_record`, answering as the logged MLflow model does: it is
+    the same code (classifier_model.ImageClassifier). Without the record, one view per image."""
     from alexnet8 import classifier_model
+    from alexnet8.served_model import read_record
 
     class_names = load_description(prepared_dir)["class_names"]
     model_path = Path(model_path)
     if not model_path.is_file():
         raise DataError(f"{model_path} not found: run the train stage first, or name a model with --model-uri")
-    classifier = classifier_model.ImageClassifier()
-    artifacts = {"keras_model": str(model_path), "dataset": str(Path(prepared_dir) / DATASET_FILE)}
+    if served_record is not None and Path(served_record).exists():
+        views = read_record(served_record).views
+    else:
+        views = classifier_model.view_config()
+        logger.info("no %s: one view per image (run the evaluate stage for the served model's views)", served_record)
     try:
-        classifier.load_context(mlflow.pyfunc.PythonModelContext(artifacts=artifacts, model_config={}))
+        network = keras_model(model_path)
     except (ValueError, OSError) as error:
         raise DataError(
             f"{model_path}: cannot load the model (Keras safe mode refuses code in model files): {error}"
         ) from None
-    outputs = classifier.network.output_shape[-1]
+    outputs = network.output_shape[-1]
     if outputs != len(class_names):
         raise DataError(
             f"{model_path} has {outputs} outputs but {Path(prepared_dir) / DATASET_FILE} names "
             f"{len(class_names)} classes: the model was not trained on this data"
         )
+    classifier = classifier_model.ImageClassifier.assembled(network, class_names, views)
     return lambda pixels: classifier.predict(None, pixels)
+
+
+def keras_model(path: Path):
+    """The `.keras` file, loaded as the logged model loads it (safe mode)."""
+    import keras
+
+    return keras.models.load_model(path, safe_mode=True)
 
 
 def mlflow_classifier(model_uri: str) -> Classifier:
@@ -256,13 +270,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="an MLflow model URI instead of --model/--data, e.g. models:/alexnet8-cifar10@champion, "
         "runs:/<run id>/<model name>, models:/<model id> (uses MLFLOW_TRACKING_URI; empty: --model/--data)",
     )
+    argument_parser.add_argument(
+        "--served-model",
+        help="the evaluate stage's record, whose test-time views the workspace model uses "
+        f"(default: {DEFAULT_SERVED_MODEL} when --model is not given; none: one view per image)",
+    )
     argument_parser.add_argument("--out", help="also write the predictions to this CSV file")
     argument_parser.add_argument(
         "--batch-size", type=int, default=BATCH_SIZE, help=f"images per forward pass (default: {BATCH_SIZE})"
     )
     arguments = argument_parser.parse_args(argv)
-    if arguments.model_uri and (arguments.model or arguments.data):
-        argument_parser.error("--model-uri replaces --model and --data: give one or the other")
+    if arguments.model_uri and (arguments.model or arguments.data or arguments.served_model):
+        argument_parser.error("--model-uri replaces --model, --data and --served-model: give one or the other")
     if arguments.batch_size < 1:
         argument_parser.error("--batch-size must be at least 1")
 
@@ -270,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         classify, source = mlflow_classifier(arguments.model_uri), arguments.model_uri
     else:
         model_path = arguments.model or DEFAULT_MODEL
-        classify, source = workspace_classifier(model_path, arguments.data or DEFAULT_DATA), model_path
+        record = arguments.served_model or (None if arguments.model else DEFAULT_SERVED_MODEL)
+        classify, source = workspace_classifier(model_path, arguments.data or DEFAULT_DATA, record), model_path
     table, failures = predict_files(arguments.images, classify, arguments.batch_size)
     if table.empty:
         raise DataError(f"none of the {len(arguments.images)} file(s) could be read as an image (see above)")

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_TIMEOUT_SECONDS = 5
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EVALUATE_PREFIX = "evaluate."
 
 # MLflow's client retries a request to a tracking server 7 times with backoff, each try waiting up
 # to 120 s: a server that died costs about 4 minutes per request. The stages' bounds: 2 retries
@@ -300,20 +301,27 @@ def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
     end_run("FINISHED")
 
 
+def read_run_file(run_file: str | Path) -> dict[str, str]:
+    """The record the train stage wrote in `run_file` (run and experiment ids, tracking URI)."""
+    run_file = Path(run_file)
+    try:
+        recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        recorded["run_id"]
+    except FileNotFoundError:
+        raise PipelineError(f"{run_file} not found: run the train stage first") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise PipelineError(f"{run_file}: not a run file written by the train stage ({error})") from None
+    return recorded
+
+
 @contextlib.contextmanager
 def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
     """Reopen the finished run that the train stage recorded in `run_file`, for a later stage to
     log into; the block gets the run file's record. The run ends FINISHED again, or FAILED on error;
     an MLflow error in the block (a server gone away) becomes a PipelineError saying to rerun."""
     use_project_store()
-    run_file = Path(run_file)
-    try:
-        recorded = json.loads(run_file.read_text(encoding="utf-8"))
-        run_id = recorded["run_id"]
-    except FileNotFoundError:
-        raise PipelineError(f"{run_file} not found: run the train stage first") from None
-    except (ValueError, KeyError) as error:
-        raise PipelineError(f"{run_file}: not a run file written by the train stage ({error})") from None
+    recorded = read_run_file(run_file)
+    run_id = recorded["run_id"]
     try:
         run = mlflow.start_run(run_id=run_id)
     except MlflowException as error:
@@ -321,15 +329,43 @@ def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
             f"MLflow run {run_id} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot be "
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
-    with _ended(run):
-        try:
-            yield recorded
-        except MlflowException as error:  # the server, or its artifact store, went away during the stage
-            raise PipelineError(
-                f"MLflow at {mlflow.get_tracking_uri()} did not take this stage's results "
-                f"({failure_reason(error)}): rerun the stage (`dvc repro`) once it answers, to log them "
-                f"into run {run_id}"
-            ) from None
+    with _ended(run), _mlflow_errors_say_rerun(run_id):
+        yield recorded
+
+
+@contextlib.contextmanager
+def start_evaluation_run(run_file: str | Path, run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """Start a new run nested under the training run that `run_file` names: one evaluation's
+    params, metrics and logged model, never confused with another evaluation's of the same
+    training. It ends FINISHED, KILLED after Ctrl-C, or FAILED; an MLflow error in the block
+    becomes a PipelineError saying to rerun."""
+    use_project_store()
+    recorded = read_run_file(run_file)
+    parent = recorded["run_id"]
+    # Under `mlflow run`, MLFLOW_RUN_ID names the project's run (the parent): MLflow would
+    # resume it instead of starting the child.
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        run = mlflow.start_run(experiment_id=recorded.get("experiment_id"), run_name=run_name, parent_run_id=parent)
+    except MlflowException as error:
+        raise PipelineError(
+            f"MLflow run {parent} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot take an "
+            f"evaluation at {mlflow.get_tracking_uri()}: {error.message}"
+        ) from None
+    with _ended(run), _mlflow_errors_say_rerun(run.info.run_id):
+        yield run
+
+
+@contextlib.contextmanager
+def _mlflow_errors_say_rerun(run_id: str) -> Iterator[None]:
+    try:
+        yield
+    except MlflowException as error:  # the server, or its artifact store, went away during the stage
+        raise PipelineError(
+            f"MLflow at {mlflow.get_tracking_uri()} did not take this stage's results "
+            f"({failure_reason(error)}): rerun the stage (`dvc repro`) once it answers, to log them "
+            f"into run {run_id}"
+        ) from None
 
 
 def default_run_name(params: Params) -> str:
@@ -344,6 +380,15 @@ def default_run_name(params: Params) -> str:
     )
 
 
+def archive_dataset(url: str, archive_md5: str) -> MetaDataset:
+    """The data set as MLflow shows it (the runs table's Dataset column, a logged model's
+    "Datasets used"): the archive, by its md5 and where it came from."""
+    with warnings.catch_warnings():  # MLflow warns that a local path could be two kinds of source
+        warnings.simplefilter("ignore", UserWarning)
+        source = dataset_source_registry.resolve_dataset_source(url)
+    return MetaDataset(source=source, name="cifar-10", digest=archive_md5)
+
+
 def log_run_inputs(
     params: Params, params_file: str | Path, description: dict, prepared_md5: str, derived: Mapping | None = None
 ) -> None:
@@ -352,19 +397,16 @@ def log_run_inputs(
     file, dvc.lock (if any), the installed packages and `description` (dataset.json)."""
     # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
     derived = {"peak_learning_rate": params.train.peak_learning_rate, **(derived or {})}
-    mlflow.log_params(params.flat() | {f"derived.{key}": value for key, value in derived.items()})
+    # evaluate.* belong to each evaluation's own run (start_evaluation_run), not to the training.
+    training_params = {key: value for key, value in params.flat().items() if not key.startswith(EVALUATE_PREFIX)}
+    mlflow.log_params(training_params | {f"derived.{key}": value for key, value in derived.items()})
     data_tags = {
         "data.archive_md5": description["archive_md5"],
         "data.prepared_md5": prepared_md5,
         "data.sizes": json.dumps(description["sizes"]),
     }
     mlflow.set_tags(provenance_tags() | data_tags)
-    # The runs table's Dataset column: the archive, by its md5 and where it came from.
-    with warnings.catch_warnings():  # MLflow warns that a local path could be two kinds of source
-        warnings.simplefilter("ignore", UserWarning)
-        source = dataset_source_registry.resolve_dataset_source(params.fetch.url)
-    dataset = MetaDataset(source=source, name="cifar-10", digest=description["archive_md5"])
-    mlflow.log_input(dataset, context="training")
+    mlflow.log_input(archive_dataset(params.fetch.url, description["archive_md5"]), context="training")
     mlflow.log_artifact(str(params_file), artifact_path="provenance")
     if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
         mlflow.log_artifact("dvc.lock", artifact_path="provenance")

@@ -4,11 +4,11 @@ Reads: the prepared folder `--data` (train and validation splits, dataset.json);
 `train.*`, `mlflow.*`.
 Writes: the model `--model` (`.keras`), the per-epoch history `--history` (CSV, for `dvc plots`),
 the last epoch's metrics `--metrics` (JSON, for `dvc metrics`), and the run file `--run-file`
-naming the MLflow run. MLflow gets every param, per-epoch loss and accuracy (training and
-validation, step = epoch), the model with a signature and an input example, and provenance
-(git commit, data md5s, params.yaml, dvc.lock, package versions).
+naming the MLflow run. MLflow gets every param but `evaluate.*`, per-epoch loss and accuracy
+(training and validation, step = epoch) and provenance (git commit, data md5s, params.yaml,
+dvc.lock, package versions); the evaluate stage logs and registers the model it scores.
 While training runs, `--checkpoints/<key>/` holds the state to resume from after an
-interruption (see checkpoints.py); it is deleted once the model is saved and logged.
+interruption (see checkpoints.py); it is deleted once the model is saved and every epoch logged.
 With `TF_CONFIG` set, this is one worker of a multi-worker training (multi_worker.py): the
 chief does all of the above; the other workers train their share of each batch and write nothing.
 """
@@ -37,13 +37,13 @@ from alexnet8.checkpoints import (
     completed_epochs,
     training_key,
 )
-from alexnet8.dataset import DATASET_FILE, Split, dataset_digest, load_description, load_split
+from alexnet8.dataset import Split, dataset_digest, load_description, load_split
 from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.model import initialize_conv1_whitening, portable_model
-from alexnet8.model_tracking import EpochMetricsToMlflow, log_classifier, log_missing_epochs
+from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
     RestoreOnly,
@@ -245,28 +245,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
         try:
             log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
-            logged = log_classifier(
-                arguments.model,
-                Path(arguments.data) / DATASET_FILE,
-                description["class_names"],
-                example_images=train_split.images[:2],
-                name=run_name,
-                step=params.train.epochs - 1,  # links the model to the last epoch's metrics
-                registered_model_name=params.mlflow.registered_model_name or None,
-            )
-        except MlflowException as error:  # the server, or its artifact store, is down
+        except MlflowException as error:  # the server is down
             raise PipelineError(
                 f"the model is trained and saved in {arguments.model}, but MLflow at {record['tracking_uri']} "
-                f"does not take it ({failure_reason(error)}): rerun to log it. Once the server and its artifact "
-                f"store answer again, `dvc repro` resumes after the last epoch (from {this_checkpoint}) and logs "
-                "the model, and any epoch's metrics the server missed, into the same run."
+                f"does not take its last epochs' metrics ({failure_reason(error)}): rerun once the server answers "
+                f"again; `dvc repro` resumes after the last epoch (from {this_checkpoint}) and logs them into the "
+                "same run."
             ) from None
-        record["model_id"] = logged.model_id
-        if logged.registered_model_version is not None:
-            record |= {
-                "registered_model": params.mlflow.registered_model_name,
-                "model_version": str(logged.registered_model_version),
-            }
     shutil.rmtree(this_checkpoint, ignore_errors=True)
 
 
