@@ -168,3 +168,13 @@ class TrackingServer:
 
     def client(self) -> mlflow.MlflowClient:
         return mlflow.MlflowClient(tracking_uri=self.uri)
+
+
+def evaluation_run(client: mlflow.MlflowClient, training_run_id: str) -> mlflow.entities.Run:
+    """The newest evaluation of a training run: the run the evaluate stage nests under it."""
+    experiment_id = client.get_run(training_run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{training_run_id}'", order_by=["attributes.start_time DESC"]
+    )
+    assert runs, f"no evaluation run under {training_run_id}"
+    return runs[0]

@@ -15,7 +15,7 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT, write_params
+from helpers import PROJECT_ROOT, evaluation_run, write_params
 
 from alexnet8 import train
 from alexnet8.checkpoints import completed_epochs
@@ -121,31 +121,36 @@ def test_a_resumed_training_continues_its_mlflow_run_with_every_epoch_once(prepa
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
-def test_an_interrupted_evaluate_leaves_the_run_killed_and_its_rerun_finishes_it(prepared_dir, tmp_path, monkeypatch):
+def test_an_interrupted_evaluate_leaves_its_run_killed_and_its_rerun_finishes_another(
+    prepared_dir, tmp_path, monkeypatch
+):
     from alexnet8 import evaluate
 
     params_file = write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": 1}))
     train.main(_train_arguments(tmp_path, prepared_dir, params_file))
     arguments = ["--params", str(params_file), "--data", str(prepared_dir), "--model", str(tmp_path / "model.keras"),
                  "--run-file", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "test.json"),
-                 "--predictions", str(tmp_path / "predictions.csv")]  # fmt: skip
-    scored = evaluate.evaluate_model
+                 "--predictions", str(tmp_path / "predictions.csv"),
+                 "--served-model", str(tmp_path / "served_model.json")]  # fmt: skip
+    logged = evaluate.log_classifier
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "evaluate_model", interrupted)
+    monkeypatch.setattr(evaluate, "log_classifier", interrupted)  # Ctrl-C while the model is logged
     with pytest.raises(KeyboardInterrupt):
         evaluate.main(arguments)
     client = mlflow.MlflowClient()
-    [run] = _runs(client)
-    assert run.info.status == "KILLED" and "test_accuracy" not in run.data.metrics
-    assert not (tmp_path / "test.json").exists()
+    training_run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    killed = evaluation_run(client, training_run_id)
+    assert killed.info.status == "KILLED" and "test_accuracy" not in killed.data.metrics
+    assert client.get_run(training_run_id).info.status == "FINISHED"  # the training is not touched
+    assert not (tmp_path / "test.json").exists() and not (tmp_path / "served_model.json").exists()
 
-    monkeypatch.setattr(evaluate, "evaluate_model", scored)
+    monkeypatch.setattr(evaluate, "log_classifier", logged)
     evaluate.main(arguments)
-    [run] = _runs(client)
-    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    finished = evaluation_run(client, training_run_id)
+    assert finished.info.status == "FINISHED" and "test_accuracy" in finished.data.metrics
 
 
 def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from cifar_archive import make_cifar_archive
-from helpers import SYSTEM_PATH, fresh_clone, minimal_environment, set_params
+from helpers import SYSTEM_PATH, evaluation_run, fresh_clone, minimal_environment, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,8 @@ def test_make_pipeline_with_an_own_archive_runs_from_a_plain_shell(clone, tmp_pa
         assert f"Running stage '{stage}'" in output
     assert all((clone / relative).is_file() for relative in OUTPUTS)
     run = _finished_run(clone)
-    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    evaluation = evaluation_run(mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}"), run.info.run_id)
+    assert run.info.status == "FINISHED" and "test_accuracy" in evaluation.data.metrics
     assert run.data.tags["data.archive_md5"] == md5
 
 

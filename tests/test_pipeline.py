@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from helpers import commit_all, fresh_clone, run_command, write_params
+from helpers import commit_all, evaluation_run, fresh_clone, run_command, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -83,13 +83,17 @@ def test_mlflow_run_holds_the_whole_pipeline(project):
     assert run.data.tags["mlflow.source.git.commit"] == _run(["git", "rev-parse", "HEAD"], project).strip()
     for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
         assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
-    assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
     assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
         "figures/training_curves.png",
         "figures/confusion_matrix.png",
     }
+    evaluation = evaluation_run(client, run_id)
+    assert {"test_accuracy", "test_loss"} <= set(evaluation.data.metrics)
+    assert evaluation.data.tags["mlflow.source.git.commit"] == run.data.tags["mlflow.source.git.commit"]
     [logged] = mlflow.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{evaluation.info.run_id}'",
+        output_format="list",
     )
     model = mlflow.pyfunc.load_model(logged.model_uri)
     assert model.predict(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 11)  # the class, 10 probabilities
@@ -140,8 +144,9 @@ def test_mlproject_runs_the_pipeline_in_the_launchers_run(project):
     )
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
     assert f"Run (ID '{run_id}') succeeded" in output
-    run = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
-    assert run.data.params["train.epochs"] == "1" and "test_accuracy" in run.data.metrics
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run = client.get_run(run_id)
+    assert run.data.params["train.epochs"] == "1" and "test_accuracy" in evaluation_run(client, run_id).data.metrics
     _run(["git", "checkout", "--", "params.yaml"], project)
     _run(["dvc", "checkout"], project)
 

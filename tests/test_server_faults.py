@@ -139,7 +139,7 @@ def test_a_server_killed_during_epoch_2_costs_seconds_and_the_rerun_completes_th
     assert re.search(r"WARNING .*MLflow at http://127.0.0.1:\d+ does not answer \(.*Connection refused\)", output)
     assert re.search(
         r"ERROR alexnet8: the model is trained and saved in .*model.keras, but MLflow at http://127.0.0.1:\d+ "
-        r"does not take it \(.*Connection refused\): rerun to log it",
+        r"does not take its last epochs' metrics \(.*Connection refused\): rerun once the server answers",
         output,
     ), output
     # Epoch 3 ran with the server gone: it took no longer than epoch 2 (which started with the
@@ -164,9 +164,6 @@ def test_a_server_killed_during_epoch_2_costs_seconds_and_the_rerun_completes_th
     assert only_run.info.run_id == run_id
     for metric in EPOCH_METRICS:
         assert [point.step for point in client.get_metric_history(run_id, metric)] == list(range(EPOCHS)), metric
-    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
-    assert [str(model.status) for model in models] == ["READY"], models
-    assert json.loads((tmp_path / "run.json").read_text())["model_id"] == models[0].model_id
     assert "model_summary.txt" in {artifact.path for artifact in client.list_artifacts(run_id)}
 
 

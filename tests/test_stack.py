@@ -29,7 +29,7 @@ import mlflow
 import pytest
 import yaml
 from cifar_archive import make_cifar_archive
-from helpers import activated_environment, commit_all, fresh_clone, load_script, minimal_environment
+from helpers import activated_environment, commit_all, evaluation_run, fresh_clone, load_script, minimal_environment
 from helpers import run_command as run
 
 pytestmark = pytest.mark.stack
@@ -196,12 +196,13 @@ def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
     assert run.info.status == "FINISHED", run.info
     for metric in EPOCH_METRICS:
         assert [point.step for point in client.get_metric_history(run_id, metric)] == list(range(epochs)), metric
-    assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
     assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
         "figures/training_curves.png",
         "figures/confusion_matrix.png",
     }
-    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+    evaluation = evaluation_run(client, run_id)
+    assert {"test_accuracy", "test_loss"} <= set(evaluation.data.metrics)
+    models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{evaluation.info.run_id}'")
     # One model; a try that failed to upload it stays listed as FAILED.
     assert [str(model.status) for model in models if str(model.status) != "FAILED"] == ["READY"], models
 
@@ -359,7 +360,8 @@ def test_dvc_repro_logs_the_run_to_the_server(stack, repro):
     assert_complete(client, run_, epochs=2)
     assert run_.data.params["train.dense_units"] == "16" and run_.data.params["fetch.md5"]
     record = json.loads((stack.project / "models/mlflow_run.json").read_text())
-    assert record["tracking_uri"] == stack.tracking_uri and record["registered_model"] == MODEL
+    served = json.loads((stack.project / "models/served_model.json").read_text())
+    assert record["tracking_uri"] == stack.tracking_uri and served["registered_model"] == MODEL
 
 
 def test_the_artifacts_are_in_the_object_store_not_on_disk(stack, repro):

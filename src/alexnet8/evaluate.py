@@ -38,7 +38,7 @@ from alexnet8.progress import progress_bar
 from alexnet8.registry import Evaluation, promote
 from alexnet8.reports import write_predictions
 from alexnet8.served_model import ServedModelRecord, log_classifier, version_description, write_record
-from alexnet8.tracking import archive_dataset, read_run_file, start_evaluation_run
+from alexnet8.tracking import archive_dataset, provenance_tags, read_run_file, start_evaluation_run
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with start_evaluation_run(arguments.run_file, evaluation_run_name()) as run:
         evaluate_params = {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()}
         mlflow.log_params(evaluate_params)
-        mlflow.set_tags({"data.archive_md5": description["archive_md5"], "training_run_id": training["run_id"]})
+        mlflow.set_tags(provenance_tags() | {"data.archive_md5": description["archive_md5"]})
         logged = log_classifier(
             arguments.model,
             Path(arguments.data) / DATASET_FILE,
