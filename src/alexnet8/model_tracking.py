@@ -29,7 +29,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
     comes last). When the tracking server does not answer, training goes on at full speed: the
     epochs not sent are kept (they are in the history CSV anyway) and sent, in order, once the
     server answers again; what is still unsent when training ends is sent by `log_missing_epochs`
-    before the model is logged, or by the rerun, which calls it at its start. Before sending, the
+    once training has ended, or by the rerun, which calls it at its start. Before sending, the
     thread asks the run which epochs it has, so MLflow never misses nor repeats an epoch. The
     network's summary is logged once, as `model_summary.txt`.
     """

@@ -185,7 +185,7 @@ def check_tracking_server() -> None:
     """Fail within seconds if the tracking URI is a server that does not answer.
 
     MLflow's client retries with backoff; without this check a dead server would surface only
-    after training, when the model is logged.
+    after training, when the last metrics are logged.
     """
     uri = mlflow.get_tracking_uri()
     reason = _server_silence(uri)

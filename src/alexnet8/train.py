@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             normalization=description["normalization"],
             worker=worker,
         )
-        logger.info("%s done: the chief saves and logs the model", worker.cluster.task)
+        logger.info("%s done: the chief saves the model and logs the run", worker.cluster.task)
         return
     this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
 
