@@ -94,7 +94,8 @@ lock: setup
 # downloaded archive (data/raw/), the record of the runs (mlflow.db, mlruns/), DVC's cache and
 # experiments (`dvc exp remove`, `dvc gc`) and the team stack's state (.stack/).
 clean:
-	rm -rf data/prepared models/model.keras models/mlflow_run.json reports checkpoints dvc_plots
+	rm -rf data/prepared models/model.keras models/mlflow_run.json models/served_model.json reports checkpoints \
+		dvc_plots
 
 clean-env:
 	rm -rf $(VENV)

@@ -12,6 +12,7 @@ REMADE = [
     "data/prepared/train_images.npy",
     "models/model.keras",
     "models/mlflow_run.json",
+    "models/served_model.json",
     "reports/train_metrics.json",
     "reports/figures/confusion_matrix.png",
     "checkpoints/0123abcd/training_metadata.json",
