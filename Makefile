@@ -8,6 +8,7 @@
 #   make ui                        browse the runs in MLflow (the URL it prints)
 #   make train-workers WORKERS=2   the train stage as 2 workers on this machine (docs/scaling.md)
 #   make stack-up / stack-down     the team stack: PostgreSQL, an S3 store and an MLflow server (docs/team.md)
+#   make clean                     remove what `make pipeline` makes again (README, "Clean up")
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +22,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 unexport PYTHONHOME
 
-.PHONY: setup pipeline test recipe train-workers ui stack-up stack-down stack-status lint format lock clean-env
+.PHONY: setup pipeline test recipe train-workers ui stack-up stack-down stack-status lint format lock clean clean-env
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
@@ -87,6 +88,14 @@ format: setup
 lock: setup
 	python -m pip install --quiet uv
 	uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.11 -o requirements.lock
+
+# What the next `make pipeline` makes again: the prepared splits, the model, the reports, an
+# interrupted training's state and `dvc plots` pages. Kept: the environment (`make clean-env`), the
+# downloaded archive (data/raw/), the record of the runs (mlflow.db, mlruns/), DVC's cache and
+# experiments (`dvc exp remove`, `dvc gc`) and the team stack's state (.stack/).
+clean:
+	rm -rf data/prepared models/model.keras models/mlflow_run.json models/served_model.json reports checkpoints \
+		dvc_plots
 
 clean-env:
 	rm -rf $(VENV)

@@ -40,7 +40,14 @@ A run's JSON holds:
     pipeline_seconds  wall time of the whole `dvc repro` / `dvc exp run`, or null
     test_accuracy, test_loss
                       from the evaluate stage, or null (not evaluated, or not recorded)
-    commit, note      optional
+    commit            optional: the project's commit the run ran (7 to 40 hex digits); without it the
+                      tables say "earlier code" and the run's date
+    note              optional
+    peak_rss_mb       optional: peak resident memory of the whole run, in MB
+    original_script   optional: the original script, timed on the same machine just before this run
+                      (the one source of its time in the docs): command, seconds (5 epochs with
+                      validation, all of it), training_seconds, images_per_second, validation_seconds,
+                      other_seconds, peak_rss_mb, validation_accuracy (its last), note
     knob              optional: what the run tried against the run it is based_on (same seed), for the
                       search table
     evaluated_validation_accuracy
@@ -83,6 +90,21 @@ REQUIRED = {
     "pipeline_seconds": (int, float, NULL),
 }
 HISTORY_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+ORIGINAL_SCRIPT = {
+    "command": str,
+    **dict.fromkeys(["seconds", "training_seconds", "validation_seconds", "other_seconds", "peak_rss_mb"], int),
+    "images_per_second": float,
+    "validation_accuracy": float,
+    "note": str,
+}
+# The archives the runs used, by md5: what the tables call them.
+ARCHIVES = {
+    "c32a1d4ab5d03f1284b67883e8d87530": "official archive",
+    "0f86bb969cf3561244b4124d383e2324": "JPEG copy",
+}
+# The run the README and the comparisons with the original script show for each recipe.
+CURRENT_ORIGINAL = "original-defaults-2026-11-30"
+RECOMMENDED = "recipe-sgd-plus"
 
 
 class ResultsError(Exception):
@@ -151,6 +173,17 @@ def read_recipe(path: Path, record: dict, recipes: Path) -> dict[str, object]:
     return recipe
 
 
+def check_original_script(path: Path, measured: object) -> None:
+    """The original script's measurement, when the run records one: every field, of its type."""
+    if measured is None:
+        return
+    if not isinstance(measured, dict):
+        raise ResultsError(f"{path}: 'original_script' must be an object")
+    for field, kind in ORIGINAL_SCRIPT.items():
+        if not isinstance(measured.get(field), kind) or isinstance(measured.get(field), bool):
+            raise ResultsError(f"{path}: original_script.{field} is missing or not a {kind.__name__}")
+
+
 def read_run(path: Path, recipes: Path) -> Run:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -170,6 +203,11 @@ def read_run(path: Path, recipes: Path) -> Run:
         raise ResultsError(f"{path}: 'knob' must be a string, and the run based_on the run it is compared with")
     if not unknown_or_fraction(record.get("evaluated_validation_accuracy")):
         raise ResultsError(f"{path}: 'evaluated_validation_accuracy' must be a fraction or null")
+    if "commit" in record and not (
+        isinstance(record["commit"], str) and re.fullmatch(r"[0-9a-f]{7,40}", record["commit"])
+    ):
+        raise ResultsError(f"{path}: 'commit' must be 7 to 40 hex digits (or absent: earlier code)")
+    check_original_script(path, record.get("original_script"))
     if record["run"] != path.stem:
         raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
     history = None
@@ -210,6 +248,10 @@ def fixed(value: float | None, places: int = 3) -> str:
     return str(Decimal(repr(value)).quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
+def ratio(value: float, reference: float) -> str:
+    return f"{fixed(value / reference, 2)}x"
+
+
 def yaml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -218,45 +260,60 @@ def yaml_value(value: object) -> str:
     return str(value)
 
 
-def overrides(run: Run, runs: dict[str, Run], defaults: dict[str, object]) -> str:
-    """The run's params as `-S key=value` against the run it is based on, or else against its recipe."""
-    base, recipe = run.record["based_on"], run.record["recipe"]
-    theirs = runs[base].params if base else run.recipe
+def differences(run: Run, runs: dict[str, Run], defaults: dict[str, object]) -> str:
+    """What the run changed against the run it is based on, where its command does not say it: as
+    `-S key=value` overrides against a run of another recipe, or "same params as" for a rerun."""
+    base = run.record["based_on"]
+    if base is None:
+        return "-"
+    theirs = runs[base].params
     changed = [
         f"-S {key}={yaml_value(run.params.get(key, defaults.get(key)))}"
         for key in dict.fromkeys([*theirs, *run.params])
         if run.params.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key))
     ]
-    origin = base or ("params.yaml" if recipe == "original" else f"`recipes/{recipe}.yaml`")
-    if changed:
-        return f"{origin} with `{' '.join(changed)}`"
-    if base:
+    if not changed:
         return f"same params as {base}"
-    return "params.yaml as it is" if recipe == "original" else f"as in {origin}"
+    if runs[base].record["recipe"] == run.record["recipe"]:
+        return "-"  # the command's SET is the difference
+    return f"{base} with `{' '.join(changed)}`"
 
 
 def command(run: Run, defaults: dict[str, object]) -> str:
-    """What runs the run's params: `make pipeline` (params.yaml as it is), else `make recipe` (SET: seed, `set`)."""
+    """What runs the run's params again: `make pipeline` (params.yaml as it is), else `make recipe`,
+    with EXP (the experiment's name, when it is not the recipe's: DVC refuses a name twice) and SET
+    (seed, `set`)."""
     seed = {"seed": run.record["seed"]} if run.record["seed"] != defaults["seed"] else {}
     settings = " ".join(f"{key}={yaml_value(value)}" for key, value in (seed | run.record.get("set", {})).items())
-    if run.record["recipe"] == "original" and not settings:
+    recipe = run.record["recipe"]
+    if recipe == "original" and not settings:
         return "`make pipeline`"
-    return f"`make recipe NAME={run.record['recipe']}" + (f' SET="{settings}"`' if settings else "`")
+    name = "" if run.name == recipe else f" EXP={run.name}"
+    return f"`make recipe NAME={recipe}{name}" + (f' SET="{settings}"`' if settings else "`")
 
 
 def seconds(run: Run) -> str:
-    """Total train-stage seconds, then each epoch's and what else ran meanwhile."""
+    """Total train-stage seconds, and what else ran meanwhile."""
     values = run.record["epoch_seconds"]
     if values is None:
         return "not recorded"
-    notes = [" + ".join(str(value) for value in values)]
-    if run.record["timing"]:
-        notes.append(run.record["timing"])
-    return f"{sum(values)} ({'; '.join(notes)})"
+    return f"{sum(values)}" + (f" ({run.record['timing']})" if run.record["timing"] else "")
 
 
-def machine(run: Run) -> str:
-    return f"{run.record['date']}, {run.record['machine']}"
+def code(run: Run) -> str:
+    """The commit the run ran, or "earlier code" (no commit recorded), with the run's date."""
+    commit = run.record.get("commit")
+    return f"`{commit}`, {run.record['date']}" if commit else f"earlier code, {run.record['date']}"
+
+
+def data(run: Run) -> str:
+    md5 = run.record["archive_md5"]
+    return ARCHIVES.get(md5, f"archive md5 {md5}")
+
+
+def ran_on(run: Run) -> str:
+    """Code, data and machine of the run."""
+    return f"{code(run)}; {data(run)}; {run.record['machine']}"
 
 
 def need(runs: dict[str, Run], name: str) -> Run:
@@ -272,6 +329,34 @@ def originals(runs: dict[str, Run]) -> list[Run]:
         key=lambda run: run.record["date"],
         reverse=True,
     )
+
+
+def original_script(runs: dict[str, Run]) -> tuple[Run, dict]:
+    """The run of the defaults that the original script was timed beside, and that measurement."""
+    run = need(runs, CURRENT_ORIGINAL)
+    if run.record.get("original_script") is None:
+        raise ResultsError(f"docs/results/{CURRENT_ORIGINAL}.json: no 'original_script' measurement")
+    if run.record["epoch_seconds"] is None or run.record["pipeline_seconds"] is None:
+        raise ResultsError(f"docs/results/{CURRENT_ORIGINAL}.json: the comparison needs its seconds")
+    return run, run.record["original_script"]
+
+
+def seed_groups(runs: dict[str, Run]) -> dict[tuple, dict[int, Run]]:
+    """Finished runs by their params other than the seed (recipe and `set`): one run a seed (a
+    rerun of the same seed counts once)."""
+    groups: dict[tuple, dict[int, Run]] = {}
+    for run in sorted(runs.values(), key=lambda run: run.name):
+        if run.record["test_accuracy"] is None or run.epochs_run != run.record["epochs"]:
+            continue
+        key = (run.record["recipe"], tuple(sorted(run.record.get("set", {}).items())))
+        groups.setdefault(key, {}).setdefault(run.record["seed"], run)
+    return groups
+
+
+def same_params(runs: dict[str, Run], run: Run) -> list[Run]:
+    """The runs of `run`'s params, one a seed, by seed."""
+    by_seed = seed_groups(runs)[(run.record["recipe"], tuple(sorted(run.record.get("set", {}).items())))]
+    return [by_seed[seed] for seed in sorted(by_seed)]
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -291,27 +376,30 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
     )
     rows = []
     for run in originals(runs) + others:
-        stopped = "" if run.epochs_run == run.record["epochs"] else f" of {run.record['epochs']} (stopped)"
+        stopped = (
+            ""
+            if run.epochs_run == run.record["epochs"]
+            else f" (epoch {run.epochs_run} of {run.record['epochs']}, stopped)"
+        )
         rows.append(
             [
                 f"`{run.name}`",
-                f"{run.epochs_run}{stopped}",
-                fixed(run.validation_accuracy[-1]),
+                fixed(run.validation_accuracy[-1]) + stopped,
                 "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
                 seconds(run),
-                machine(run),
+                ran_on(run),
                 command(run, defaults),
-                overrides(run, runs, defaults),
+                differences(run, runs, defaults),
             ]
         )
-    header = ["run", "epochs", "validation accuracy", "test accuracy", "train-stage seconds", "date, machine"]
-    return table([*header, "command", "params"], rows)
+    header = ["run", "validation accuracy", "test accuracy", "train-stage seconds", "code, data, machine"]
+    return table([*header, "command", "differs from"], rows)
 
 
 def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
-    run = need(runs, "original-defaults")
+    run = need(runs, CURRENT_ORIGINAL)
     if run.history is None:
-        raise ResultsError("original-defaults.json names no history")
+        raise ResultsError(f"{CURRENT_ORIGINAL}.json names no history")
     seconds = run.record["epoch_seconds"] or [None] * run.epochs_run
     rows = [
         [str(int(row["epoch"]) + 1), *(fixed(row[column]) for column in HISTORY_COLUMNS[1:]), str(second)]
@@ -323,37 +411,44 @@ def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
 def original_runs_table(runs: dict[str, Run], defaults: dict) -> str:
     rows = [
         [
-            machine(run),
+            ran_on(run),
             ", ".join(fixed(value) for value in run.validation_accuracy),
             fixed(run.record["test_accuracy"]),
             fixed(run.record["test_loss"]),
         ]
         for run in originals(runs)
     ]
-    return table(["date, machine", "validation accuracy after each epoch", "test accuracy", "test loss"], rows)
+    return table(["code, data, machine", "validation accuracy after each epoch", "test accuracy", "test loss"], rows)
 
 
 def readme_table(runs: dict[str, Run], defaults: dict) -> str:
-    """The original recipe against the recommended one, both timed alone on the same machine."""
+    """The original recipe at the current defaults against the recommended one: each a run at a
+    named commit; the recommended one's test accuracy also over its seeds."""
     rows = []
     for label, name in [
-        ("original (params.yaml)", "original-defaults"),
-        ("recipe-sgd", "recipe-sgd-rerun"),
-        ("**recipe-sgd-plus**", "recipe-sgd-plus"),
+        ("original (params.yaml)", CURRENT_ORIGINAL),
+        (f"**{RECOMMENDED}** (recommended)", RECOMMENDED),
     ]:
         run = need(runs, name)
-        if run.record["epoch_seconds"] is None:
-            raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds")
+        if run.record["epoch_seconds"] is None or not run.record.get("commit"):
+            raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds and commit")
+        test = fixed(run.record["test_accuracy"])
+        seeds = same_params(runs, run)
+        if len(seeds) > 1:
+            spread = mean_and_spread([seed.record["test_accuracy"] for seed in seeds])
+            test += f" ({spread} over seeds {', '.join(str(seed.record['seed']) for seed in seeds)})"
         rows.append(
             [
                 label,
                 fixed(run.validation_accuracy[-1]),
-                fixed(run.record["test_accuracy"]),
+                test,
                 f"{sum(run.record['epoch_seconds'])} s",
+                ran_on(run),
                 command(run, defaults),
             ]
         )
-    return table(["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "command"], rows)
+    header = ["recipe", "validation accuracy", "test accuracy", "training, 5 epochs", "code, data, machine"]
+    return table([*header, "command"], rows)
 
 
 def search_table(runs: dict[str, Run], defaults: dict) -> str:
@@ -366,7 +461,7 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
     rows = [
         [
             run.record["knob"],
-            f"`{run.name}`",
+            f"`{run.name}` ({code(run)})",
             f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
             f"`{base.name}`",
             str(run.record["seed"]),
@@ -374,7 +469,7 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
         ]
         for delta, run, base in sorted(tried, key=lambda item: (-item[0], item[1].name))
     ]
-    header = ["knob tried", "run", "validation accuracy (change)", "against", "seed"]
+    header = ["knob tried", "run (code)", "validation accuracy (change)", "against", "seed"]
     return table([*header, "validation accuracy with the run's TTA"], rows)
 
 
@@ -390,14 +485,8 @@ def mean_and_spread(values: Sequence[float]) -> str:
 def seeds_table(runs: dict[str, Run], defaults: dict) -> str:
     """Each set of params run with more than one seed: mean and standard deviation over its seeds
     (one run a seed: a rerun of the same seed counts once), best mean test accuracy first."""
-    groups: dict[tuple, dict[int, Run]] = {}
-    for run in sorted(runs.values(), key=lambda run: run.name):
-        if run.record["test_accuracy"] is None or run.epochs_run != run.record["epochs"]:
-            continue
-        key = (run.record["recipe"], tuple(sorted(run.record.get("set", {}).items())))
-        groups.setdefault(key, {}).setdefault(run.record["seed"], run)
     rows = []
-    for (recipe, extra), by_seed in groups.items():
+    for (recipe, extra), by_seed in seed_groups(runs).items():
         if len(by_seed) < 2:
             continue
         seeds = sorted(by_seed)
@@ -411,13 +500,76 @@ def seeds_table(runs: dict[str, Run], defaults: dict) -> str:
                     ", ".join(map(str, seeds)),
                     mean_and_spread([run.validation_accuracy[-1] for run in chosen]),
                     mean_and_spread([run.record["test_accuracy"] for run in chosen]),
-                    ", ".join(f"`{run.name}`" for run in chosen),
+                    ", ".join(f"`{run.name}` ({code(run)})" for run in chosen),
                 ],
             )
         )
     rows.sort(key=lambda row: row[0])
-    header = ["recipe", "seeds", "validation accuracy", "test accuracy", "runs"]
+    header = ["recipe", "seeds", "validation accuracy", "test accuracy", "runs (code)"]
     return table(header, [row for _, row in rows])
+
+
+def original_script_table(runs: dict[str, Run], defaults: dict) -> str:
+    """The original script against the pipeline at the defaults, timed one after the other."""
+    run, script = original_script(runs)
+    epochs = script["training_seconds"] + script["validation_seconds"]
+    pipeline_rss = run.record.get("peak_rss_mb")
+    rows = [
+        [
+            "the original script, as written",
+            f"`{script['command']}`",
+            f"{script['seconds']} s",
+            f"{epochs} s",
+            f"{script['peak_rss_mb']} MB",
+            f"validation (on the test set) {fixed(script['validation_accuracy'])}",
+            f"not in this repository, {run.record['date']}; {data(run)}; {run.record['machine']}",
+        ],
+        [
+            f"`{run.name}`",
+            command(run, defaults),
+            f"{run.record['pipeline_seconds']} s ({ratio(run.record['pipeline_seconds'], script['seconds'])})",
+            f"{sum(run.record['epoch_seconds'])} s ({ratio(sum(run.record['epoch_seconds']), epochs)})",
+            "-" if pipeline_rss is None else f"{pipeline_rss} MB ({ratio(pipeline_rss, script['peak_rss_mb'])})",
+            f"test {fixed(run.record['test_accuracy'])}",
+            ran_on(run),
+        ],
+    ]
+    header = ["run", "command", "whole run", "5 epochs with validation", "peak RSS", "accuracy after 5 epochs"]
+    return table([*header, "code, data, machine"], rows)
+
+
+def time_to_accuracy_table(runs: dict[str, Run], defaults: dict) -> str:
+    """When each run of the original and the recommended recipe first validates at the original
+    recipe's test accuracy, against the original script's time for 5 epochs."""
+    original, script = original_script(runs)
+    target = original.record["test_accuracy"]
+    chosen = [original, *(run for run in same_params(runs, need(runs, RECOMMENDED)) if run.record["epoch_seconds"])]
+    rows = []
+    for run in chosen:
+        passed = next((epoch for epoch, value in enumerate(run.validation_accuracy) if value and value >= target), None)
+        if passed is None:
+            continue
+        spent = sum(run.record["epoch_seconds"][: passed + 1])
+        whole = run.record["pipeline_seconds"]
+        rows.append(
+            [
+                f"`{run.name}`",
+                f"{passed + 1} ({fixed(run.validation_accuracy[passed])})",
+                f"{spent} ({ratio(spent, script['seconds'])})",
+                "-" if whole is None else f"{whole} s ({ratio(whole, script['seconds'])})",
+                f"{run.record['timing'] or '-'}",
+                ran_on(run),
+            ]
+        )
+    header = [
+        "run",
+        f"epoch whose validation accuracy passes {fixed(target)}",
+        f"train-stage seconds by then (of the original script's {script['seconds']} s)",
+        "whole run",
+        "load",
+        "code, data, machine",
+    ]
+    return table(header, rows)
 
 
 TABLES: dict[str, Callable[[dict[str, Run], dict], str]] = {
@@ -427,6 +579,8 @@ TABLES: dict[str, Callable[[dict[str, Run], dict], str]] = {
     "original-runs": original_runs_table,
     "search": search_table,
     "seeds": seeds_table,
+    "original-script": original_script_table,
+    "time-to-accuracy": time_to_accuracy_table,
 }
 
 
