@@ -2,10 +2,10 @@
 """Training throughput and peak memory: this pipeline's trainer against a reference script, side by side.
 
 Usage:
-  python bench/benchmark.py ARCHIVE --reference SEED_SCRIPT [--train-images N] [--rounds R]
+  python bench/benchmark.py ARCHIVE --reference ORIGINAL_SCRIPT [--train-images N] [--rounds R]
          [--config NAME=key=value,key=value ...] [--intended-reference]
 
-ARCHIVE is a CIFAR-10 binary tar.gz; SEED_SCRIPT a script that takes `ARCHIVE --train-images N
+ARCHIVE is a CIFAR-10 binary tar.gz; ORIGINAL_SCRIPT a script that takes `ARCHIVE --train-images N
 --epochs 1` and prints `train_images_per_second <float>` (the original AlexNet8 script as
 written, given as an argument). The archive is preprocessed once (the
 preprocess stage at params.yaml's values). Then, for each round, the reference and each of our
@@ -119,7 +119,9 @@ def parse_config(text: str) -> tuple[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archive", nargs="?")
-    parser.add_argument("--reference", help="the reference script (seed_baseline.py); required")
+    parser.add_argument(
+        "--reference", help="the original script, run as written (it takes ARCHIVE, --train-images, --epochs); required"
+    )
     parser.add_argument("--train-images", type=int, default=3200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
