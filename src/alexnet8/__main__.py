@@ -18,6 +18,9 @@ from collections.abc import Sequence
 
 from alexnet8 import cli
 from alexnet8.params import load_params
+from alexnet8.tensorflow_startup import load_tensorflow
+
+TENSORFLOW_STAGES = {"train", "evaluate"}  # loaded without its start-up noise (tensorflow_startup.py)
 
 
 def command_parser() -> argparse.ArgumentParser:
@@ -39,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(stage_argv: Sequence[str]) -> None:
         if stage.reads_params:
             load_params(arguments.params)  # ParamsError: exit 1, naming the file and the key
+        if arguments.stage in TENSORFLOW_STAGES:
+            load_tensorflow()
         importlib.import_module(f"alexnet8.{arguments.stage}").main(stage_argv)
 
     cli.run(run, argv[1:], interrupted=stage.interrupted)
