@@ -53,7 +53,9 @@ def test_two_queue_workers_on_a_new_local_store_lose_nothing(tmp_path, tiny_arch
 
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("alexnet8-cifar10")
-    trainings = client.search_runs([experiment.experiment_id], "tags.mlflow.parentRunId IS NULL")
+    trainings = [
+        run for run in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in run.data.tags
+    ]
     runs = {run.data.tags.get("dvc.experiment"): run for run in trainings}
     assert set(runs) == set(EXPERIMENTS)
     for name, rate in EXPERIMENTS.items():

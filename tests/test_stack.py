@@ -186,8 +186,10 @@ def stack(tmp_path_factory, tiny_archive) -> Stack:
 
 
 def _runs(client: mlflow.MlflowClient, filter_string: str = "") -> list:
+    """The training runs (not the evaluations nested in them)."""
     experiment = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([experiment.experiment_id], filter_string) if experiment else []
+    runs = client.search_runs([experiment.experiment_id], filter_string) if experiment else []
+    return [run_ for run_ in runs if "mlflow.parentRunId" not in run_.data.tags]
 
 
 def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
