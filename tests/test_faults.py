@@ -143,14 +143,14 @@ def test_an_interrupted_evaluate_leaves_its_run_killed_and_its_rerun_finishes_an
     client = mlflow.MlflowClient()
     training_run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
     killed = evaluation_run(client, training_run_id)
-    assert killed.info.status == "KILLED" and "test_accuracy" not in killed.data.metrics
+    assert killed.info.status == "KILLED" and "test/accuracy" not in killed.data.metrics
     assert client.get_run(training_run_id).info.status == "FINISHED"  # the training is not touched
     assert not (tmp_path / "test.json").exists() and not (tmp_path / "served_model.json").exists()
 
     monkeypatch.setattr(evaluate, "log_classifier", logged)
     evaluate.main(arguments)
     finished = evaluation_run(client, training_run_id)
-    assert finished.info.status == "FINISHED" and "test_accuracy" in finished.data.metrics
+    assert finished.info.status == "FINISHED" and "test/accuracy" in finished.data.metrics
 
 
 def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, monkeypatch):

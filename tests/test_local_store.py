@@ -63,6 +63,6 @@ def test_two_queue_workers_on_a_new_local_store_lose_nothing(tmp_path, tiny_arch
         assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == str(rate)
         for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
             assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == [0, 1], metric
-        assert "test_accuracy" in evaluation_run(client, run.info.run_id).data.metrics
+        assert "test/accuracy" in evaluation_run(client, run.info.run_id).data.metrics
     versions = client.search_model_versions("name = 'alexnet8-cifar10'")
     assert sorted(int(version.version) for version in versions) == [1, 2, 3, 4]

@@ -53,7 +53,7 @@ def test_make_pipeline_with_an_own_archive_runs_from_a_plain_shell(clone, tmp_pa
     assert all((clone / relative).is_file() for relative in OUTPUTS)
     run = _finished_run(clone)
     evaluation = evaluation_run(mlflow.MlflowClient(f"sqlite:///{clone / 'mlflow.db'}"), run.info.run_id)
-    assert run.info.status == "FINISHED" and "test_accuracy" in evaluation.data.metrics
+    assert run.info.status == "FINISHED" and "test/accuracy" in evaluation.data.metrics
     assert run.data.tags["data.archive_md5"] == md5
 
 

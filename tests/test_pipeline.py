@@ -63,7 +63,7 @@ def test_dvc_metrics_show_reports_test_and_training_metrics(project):
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], project))
     files = next(iter(shown.values()))["data"]  # keyed by revision; the workspace is ""
     test_metrics = files["reports/test_metrics.json"]["data"]
-    assert 0 <= test_metrics["accuracy"] <= 1 and test_metrics["loss"] > 0
+    assert 0 <= test_metrics["test"]["accuracy"] <= 1 and test_metrics["test"]["loss"] > 0
     assert set(files["reports/train_metrics.json"]["data"]) == {"accuracy", "loss", "val_accuracy", "val_loss"}
 
 
@@ -88,7 +88,7 @@ def test_mlflow_run_holds_the_whole_pipeline(project):
         "figures/confusion_matrix.png",
     }
     evaluation = evaluation_run(client, run_id)
-    assert {"test_accuracy", "test_loss"} <= set(evaluation.data.metrics)
+    assert {"test/accuracy", "test/loss"} <= set(evaluation.data.metrics)
     assert evaluation.data.tags["mlflow.source.git.commit"] == run.data.tags["mlflow.source.git.commit"]
     [logged] = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
@@ -146,7 +146,7 @@ def test_mlproject_runs_the_pipeline_in_the_launchers_run(project):
     assert f"Run (ID '{run_id}') succeeded" in output
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run = client.get_run(run_id)
-    assert run.data.params["train.epochs"] == "1" and "test_accuracy" in evaluation_run(client, run_id).data.metrics
+    assert run.data.params["train.epochs"] == "1" and "test/accuracy" in evaluation_run(client, run_id).data.metrics
     _run(["git", "checkout", "--", "params.yaml"], project)
     _run(["dvc", "checkout"], project)
 
@@ -233,7 +233,7 @@ def test_queued_experiments_run_by_dvc_queue_start_each_become_an_mlflow_run(pro
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == str(rate)
         assert "accuracy" in run.data.metrics
-        assert "test_accuracy" in evaluation_run(client, run.info.run_id).data.metrics
+        assert "test/accuracy" in evaluation_run(client, run.info.run_id).data.metrics
     assert runs["queued-fast"].info.run_id != runs["queued-slow"].info.run_id
 
 

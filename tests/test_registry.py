@@ -44,7 +44,7 @@ def test_champion_moves_only_to_a_version_with_more_test_images_right():
     assert tags["champion.compared_with"] == (
         f"version 1: test accuracy 0.6000 (60 of 100 images, archive md5 {ARCHIVE})"
     )
-    assert (tags["test_accuracy"], tags["test_images_correct"], tags["test_images"]) == ("0.5500", "55", "100")
+    assert (tags["test/accuracy"], tags["test/images_correct"], tags["test/images"]) == ("0.5500", "55", "100")
     assert promote("classifier", versions[2], Evaluation(61, 100, ARCHIVE))
     assert _alias(client, "classifier", CHAMPION) == versions[2]
 

@@ -133,10 +133,10 @@ def test_the_champion_loaded_as_users_load_it_scores_what_the_registry_and_the_r
     answered = list(model.predict(np.asarray(split.images))["class"])
     accuracy = float(np.mean(np.asarray(CLASS_NAMES)[np.asarray(split.labels)] == np.asarray(answered)))
 
-    reported = json.loads((folder / "test.json").read_text())["accuracy"]
+    reported = json.loads((folder / "test.json").read_text())["test"]["accuracy"]
     evaluation_run = client.get_run(champion.run_id)
-    assert accuracy == reported == evaluation_run.data.metrics["test_accuracy"]
-    assert champion.tags["test_accuracy"] == f"{accuracy:.4f}"
+    assert accuracy == reported == evaluation_run.data.metrics["test/accuracy"]
+    assert champion.tags["test/accuracy"] == f"{accuracy:.4f}"
     with open(folder / "predictions.csv") as stream:
         assert answered == [row["predicted"] for row in csv.DictReader(stream)]
     assert "predicted in 6 views (flip_tta=True, tta_translate=1)" in champion.description

@@ -203,7 +203,7 @@ def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
         "figures/confusion_matrix.png",
     }
     evaluation = evaluation_run(client, run_id)
-    assert {"test_accuracy", "test_loss"} <= set(evaluation.data.metrics)
+    assert {"test/accuracy", "test/loss"} <= set(evaluation.data.metrics)
     models = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{evaluation.info.run_id}'")
     # One model; a try that failed to upload it stays listed as FAILED.
     assert [str(model.status) for model in models if str(model.status) != "FAILED"] == ["READY"], models

@@ -99,12 +99,11 @@ def test_stages_write_their_files(pipeline_outputs):
     assert [row["epoch"] for row in rows] == ["0", "1"]
     assert set(rows[0]) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
     test_metrics = json.loads(paths["test_metrics"].read_text())
-    assert (
-        set(test_metrics) == {"accuracy", "loss", "per_class_accuracy", "validation"}
-        and len(test_metrics["per_class_accuracy"]) == 10
-    )
+    assert test_metrics.keys() == {"test", "val_served"} and test_metrics["test"].keys() == test_metrics[
+        "val_served"
+    ].keys() == {"accuracy", "loss"}
     # Without test-time augmentation, evaluate's validation accuracy is the last epoch's.
-    assert test_metrics["validation"]["accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
+    assert test_metrics["val_served"]["accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
     with open(paths["predictions"]) as stream:
         assert len(list(csv.DictReader(stream))) == 40
     for figure in ("curves", "confusion"):
@@ -155,9 +154,11 @@ def test_the_evaluation_is_its_own_run_under_the_training_with_its_params_and_me
     assert evaluation.data.tags["mlflow.parentRunId"] == training_run_id
     assert evaluation.data.params["evaluate.flip_tta"] == "False"
     test_metrics = json.loads(paths["test_metrics"].read_text())
-    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(test_metrics["accuracy"])
-    assert evaluation.data.metrics["test_loss"] == pytest.approx(test_metrics["loss"])
-    assert evaluation.data.metrics["validation_accuracy"] == pytest.approx(test_metrics["validation"]["accuracy"])
+    assert evaluation.data.metrics == {
+        f"{group}/{measure}": value for group, measures in test_metrics.items() for measure, value in measures.items()
+    }
+    per_class = json.loads(Path(client.download_artifacts(served["run_id"], "test_per_class.json")).read_text())
+    assert per_class["columns"] == ["class", "test images", "accuracy"] and len(per_class["data"]) == 10
 
 
 def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline_outputs, prepared_dir):
@@ -167,7 +168,7 @@ def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline
     logged = mlflow.get_logged_model(served["model_id"])
     assert logged.source_run_id == served["run_id"] and logged.name == "adam-lr0_001-b16-e2-unit"
     assert logged.params["evaluate.tta_translate"] == "0" and served["views"] == {"flip_tta": False, "tta_translate": 0}
-    assert {"test_accuracy", "validation_accuracy"} <= {metric.key for metric in logged.metrics}
+    assert {"test/accuracy", "val_served/accuracy"} <= {metric.key for metric in logged.metrics}
     # The logged model names the data its metrics came from (MLflow's "Datasets used").
     assert {(metric.dataset_name, metric.dataset_digest) for metric in logged.metrics} == {
         ("cifar-10", load_description(prepared_dir)["archive_md5"])
@@ -194,8 +195,8 @@ def test_each_evaluation_registers_a_version_that_is_the_candidate_and_the_first
     assert str(version.version) == served["version"] == "1" and version.aliases == ["candidate", "champion"]
     assert version.tags["champion.compared_with"] == "no champion before"
     assert version.run_id == served["run_id"]
-    accuracy = json.loads(paths["test_metrics"].read_text())["accuracy"]
-    assert version.tags["test_accuracy"] == f"{accuracy:.4f}" and int(version.tags["test_images"]) == 40
+    accuracy = json.loads(paths["test_metrics"].read_text())["test"]["accuracy"]
+    assert version.tags["test/accuracy"] == f"{accuracy:.4f}" and int(version.tags["test/images"]) == 40
     assert "uint8 RGB pixels 0-255, shape (n, 32, 32, 3)" in version.description
 
 

@@ -27,12 +27,14 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
+import pandas as pd
 
 from alexnet8 import cli
 from alexnet8.classifier_model import ImageClassifier, view_config, views_per_image
 from alexnet8.dataset import DATASET_FILE, ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
+from alexnet8.metric_names import nested
 from alexnet8.params import load_params
 from alexnet8.progress import progress_bar
 from alexnet8.registry import Evaluation, promote
@@ -41,6 +43,8 @@ from alexnet8.served_model import ServedModelRecord, log_classifier, version_des
 from alexnet8.tracking import archive_dataset, provenance_tags, read_run_file, start_evaluation_run
 
 logger = logging.getLogger(__name__)
+
+PER_CLASS_TABLE = "test_per_class.json"  # in the evaluation's run: MLflow shows it as a table
 
 
 def load_trained_model(path: str | Path) -> keras.Model:
@@ -95,11 +99,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     views = view_config(params.evaluate.flip_tta, params.evaluate.tta_translate)
     classifier = ImageClassifier.assembled(load_trained_model(arguments.model), class_names, views)
     test_split = load_split(arguments.data, "test")
-    metrics, predicted = evaluate_model(classifier, test_split, params.evaluate.batch_size)
+    test, predicted = evaluate_model(classifier, test_split, params.evaluate.batch_size)
     # Recipes, test-time views included, are chosen on validation accuracy, never on test.
     validation_split = load_split(arguments.data, "validation")
     validation, _ = evaluate_model(classifier, validation_split, params.evaluate.batch_size, "validation")
-    metrics["validation"] = {"accuracy": validation["accuracy"], "loss": validation["loss"]}
+    metrics = {
+        "test/accuracy": test["accuracy"],
+        "test/loss": test["loss"],
+        "val_served/accuracy": validation["accuracy"],
+        "val_served/loss": validation["loss"],
+    }
     labels = np.asarray(test_split.labels)
     evaluation = Evaluation(int(np.sum(predicted == labels)), len(labels), description["archive_md5"])
 
@@ -119,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             registered_model_name=params.mlflow.registered_model_name or None,
         )
         mlflow.log_metrics(
-            metric_names(metrics),
+            metrics,
             model_id=logged.model_id,  # the logged model shows them, with its data set
             dataset=archive_dataset(params.fetch.url, description["archive_md5"]),
         )
+        mlflow.log_table(per_class_table(test["per_class_accuracy"], labels, class_names), PER_CLASS_TABLE)
         version = logged.registered_model_version
         if version is not None:
             name = params.mlflow.registered_model_name
@@ -130,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 name, str(version), version_description(class_names, views, evaluation.describe())
             )
             promote(name, str(version), evaluation)
-        write_json(arguments.metrics, metrics)
+        write_json(arguments.metrics, nested(metrics))
         write_predictions(arguments.predictions, labels, predicted, class_names)
         mlflow.log_artifact(arguments.metrics)
         served = ServedModelRecord(
@@ -144,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         write_record(arguments.served_model, served)
     logger.info(
-        "served model: test accuracy %.4f, test loss %.4f, validation accuracy %.4f (%d view(s) per image)",
-        metrics["accuracy"],
-        metrics["loss"],
-        validation["accuracy"],
+        "served model (%d view(s) per image): test/accuracy %.4f, test/loss %.4f, val_served/accuracy %.4f",
         views_per_image(views),
+        metrics["test/accuracy"],
+        metrics["test/loss"],
+        metrics["val_served/accuracy"],
     )
 
 
@@ -157,14 +167,15 @@ def evaluation_run_name() -> str:
     return os.environ.get("DVC_EXP_NAME") or "evaluate"
 
 
-def metric_names(metrics: dict) -> dict[str, float]:
-    """The metrics file's numbers under MLflow's names (the file's keys joined by `_`)."""
-    flat = {"test_accuracy": metrics["accuracy"], "test_loss": metrics["loss"]}
-    flat |= {f"validation_{key}": value for key, value in metrics["validation"].items()}
-    flat |= {
-        f"test_accuracy_{name}": value for name, value in metrics["per_class_accuracy"].items() if value is not None
-    }
-    return flat
+def per_class_table(accuracy: dict[str, float | None], labels: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Each class's test images and the fraction of them the served model gets right."""
+    return pd.DataFrame(
+        {
+            "class": class_names,
+            "test images": [int(np.sum(labels == index)) for index in range(len(class_names))],
+            "accuracy": [accuracy[name] for name in class_names],
+        }
+    )
 
 
 if __name__ == "__main__":

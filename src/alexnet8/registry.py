@@ -50,9 +50,9 @@ class Evaluation:
 
     def tags(self) -> dict[str, str]:
         return {
-            "test_accuracy": f"{float(self.accuracy):.4f}",
-            "test_images_correct": str(self.correct),
-            "test_images": str(self.images),
+            "test/accuracy": f"{float(self.accuracy):.4f}",
+            "test/images_correct": str(self.correct),
+            "test/images": str(self.images),
             "data.archive_md5": self.archive_md5,
         }
 
@@ -61,7 +61,7 @@ class Evaluation:
         """The evaluation a version's tags record, or None for a version without one (an evaluation
         that did not finish, or one made before versions recorded their archive)."""
         try:
-            return cls(int(tags["test_images_correct"]), int(tags["test_images"]), tags["data.archive_md5"])
+            return cls(int(tags["test/images_correct"]), int(tags["test/images"]), tags["data.archive_md5"])
         except (KeyError, ValueError):
             return None
 

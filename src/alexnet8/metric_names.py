@@ -1,0 +1,50 @@
+"""One name for each number the pipeline reports, and one numbering of epochs.
+
+Reads and writes nothing: the names and the conversions between the forms each tool takes.
+
+A number is named `<group>/<measure>`: `train/accuracy`, `val/loss`, `test/accuracy`,
+`val_served/accuracy`. MLflow shows that name as it is, and draws one section of charts per group;
+the history CSV (`dvc plots`) has it as a column; the metrics JSON files nest it
+(`{"test": {"accuracy": ...}}`), which DVC shows as `test.accuracy`. The groups:
+
+- `train`, `val`: after each epoch of training, on the (augmented) training split and on the
+  validation split with one view per image (Keras' `accuracy`/`val_accuracy`);
+- `test`, `val_served`: the evaluate stage's, through the served model (its test-time views).
+
+Epochs are numbered from 1, everywhere a user sees them: the console, the history CSV's `epoch`,
+MLflow's steps, `dvc plots` and the figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# Keras' history keys -> the pipeline's names.
+FROM_KERAS = {
+    "accuracy": "train/accuracy",
+    "loss": "train/loss",
+    "val_accuracy": "val/accuracy",
+    "val_loss": "val/loss",
+}
+EPOCH_METRICS = tuple(FROM_KERAS.values())
+EPOCH_COLUMN = "epoch"
+FIRST_EPOCH = 1
+
+
+def epoch_metrics(keras_logs: Mapping[str, float]) -> dict[str, float]:
+    """An epoch's Keras logs under the pipeline's names (the learning rate and other extras dropped)."""
+    return {FROM_KERAS[key]: float(value) for key, value in keras_logs.items() if key in FROM_KERAS}
+
+
+def nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """`{"test/accuracy": x}` -> `{"test": {"accuracy": x}}`: the metrics files' form (DVC: `test.accuracy`)."""
+    groups: dict[str, dict[str, float]] = {}
+    for name, value in flat.items():
+        group, _, measure = name.partition("/")
+        groups.setdefault(group, {})[measure] = value
+    return groups
+
+
+def flat(groups: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The inverse of `nested`: MLflow's form."""
+    return {f"{group}/{measure}": value for group, measures in groups.items() for measure, value in measures.items()}
