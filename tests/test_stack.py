@@ -217,10 +217,31 @@ def test_stack_up_again_finds_everything_running(stack):
     assert "postgres  running" in make("stack-status", stack.project)
 
 
-def test_the_state_is_private_and_out_of_git(stack):
+def _secret_values(secrets: dict) -> list[bytes]:
+    values = [value for value in secrets.values() if isinstance(value, str)] + secrets["seaweedfs_jwt_keys"]
+    return [value.encode() for value in values]
+
+
+def _holds_any(path: Path, secrets: list[bytes]) -> bool:
+    content = path.read_bytes()
+    return any(secret in content for secret in secrets)
+
+
+def test_every_file_that_holds_a_secret_is_private(stack):
+    """Every file `make stack-up` wrote (in .stack/ and the project's .dvc/config.local, which
+    `make setup` made first) that holds a password or key is 0600, in a 0700 folder."""
     assert stat.S_IMODE(stack.folder.stat().st_mode) == 0o700
-    for secret in ("stack.json", "env", "pgpass", "mlflow/basic_auth.ini", "seaweedfs/s3.json"):
-        assert stat.S_IMODE((stack.folder / secret).stat().st_mode) == 0o600, secret
+    secrets = _secret_values(stack.state["secrets"])
+    written = [path for path in stack.folder.rglob("*") if path.is_file() and not path.is_symlink()]
+    holding = [path for path in [*written, stack.project / ".dvc/config.local"] if _holds_any(path, secrets)]
+    names = {str(path.relative_to(stack.project)) for path in holding}
+    expected = {"stack.json", "env", "pgpass", "mlflow/basic_auth.ini", "seaweedfs/s3.json", "seaweedfs/security.toml"}
+    assert {f".stack/{name}" for name in expected} | {".dvc/config.local"} <= names, names
+    modes = {str(path.relative_to(stack.project)): oct(stat.S_IMODE(path.stat().st_mode)) for path in holding}
+    assert {name: mode for name, mode in modes.items() if mode != "0o600"} == {}, modes
+
+
+def test_the_state_is_out_of_git(stack):
     run(["git", "check-ignore", "-q", ".stack/env"], stack.project, minimal_environment())
     assert run(["git", "status", "--porcelain"], stack.project, minimal_environment()).strip() == ""
     # The remote's keys are in .dvc/config.local, which DVC keeps out of git; .dvc/config has no remote.
