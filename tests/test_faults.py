@@ -309,19 +309,3 @@ def test_a_damaged_mlflow_store_is_named_before_any_work(tmp_path, monkeypatch):
     ):
         pass
     assert time.monotonic() - started < 5
-
-
-def test_a_full_disk_in_preprocess_names_the_folder_and_the_space_needed(tiny_archive, tmp_path, monkeypatch):
-    import errno
-
-    from alexnet8 import preprocess
-    from alexnet8.params import PreprocessParams
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(preprocess.np, "save", full)
-    params = PreprocessParams(validation_fraction=0.1, normalization="unit")
-    with pytest.raises(DataError, match=rf"no space left on the device of {tmp_path}: the prepared data needs \d+ MB"):
-        preprocess.preprocess(tiny_archive[0], tmp_path / "prepared", params, seed=1)
-    assert list(tmp_path.iterdir()) == []  # nothing half-written
