@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,7 +17,8 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT, write_params
+import yaml
+from helpers import PROJECT_ROOT, run_command, write_params
 
 from alexnet8 import train
 from alexnet8.checkpoints import completed_epochs
@@ -309,3 +312,44 @@ def test_a_damaged_mlflow_store_is_named_before_any_work(tmp_path, monkeypatch):
     ):
         pass
     assert time.monotonic() - started < 5
+
+
+def _restore_command(message: str) -> list[str]:
+    found = re.search(r"`(dvc checkout [^`]+)`", message)
+    assert found, message
+    return shlex.split(found.group(1))
+
+
+def test_the_restore_command_the_messages_give_works_with_real_dvc(prepared_dir, tmp_path, monkeypatch):
+    """`dvc checkout <path>` refuses to replace a changed output (exit 255, "Use --force"): the
+    command the messages give must restore a damaged prepared array and model file."""
+    from alexnet8.model import build_alexnet8
+
+    project = tmp_path / "project"
+    project.mkdir()
+    build_alexnet8(dense_units=8).save(tmp_path / "made.keras")
+    stages = {
+        "prepare": {"cmd": f"mkdir -p data && cp -r {prepared_dir} data/prepared", "outs": ["data/prepared"]},
+        "train": {
+            "cmd": f"mkdir -p models && cp {tmp_path / 'made.keras'} models/model.keras",
+            "outs": ["models/model.keras"],
+        },
+    }
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    run_command(["dvc", "init", "--no-scm", "-q"], project)
+    run_command(["dvc", "repro", "-q"], project)
+    monkeypatch.chdir(project)
+
+    images = project / "data/prepared/train_images.npy"
+    images.write_bytes(images.read_bytes()[:-100] + bytes(100))
+    with pytest.raises(DataError) as damaged:
+        load_split("data/prepared", "train")
+    run_command(_restore_command(str(damaged.value)), project)
+    assert len(load_split("data/prepared", "train").labels) > 0
+
+    model = project / "models/model.keras"
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(DataError) as damaged:
+        load_trained_model("models/model.keras")
+    run_command(_restore_command(str(damaged.value)), project)
+    assert load_trained_model("models/model.keras").count_params() > 0
