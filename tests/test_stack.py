@@ -547,6 +547,30 @@ def test_postgres_restarted_during_an_epoch(stack, faulty, tmp_path):
     assert_complete(client, client.get_run(run_id), epochs=3)
 
 
+def _wait_for_output(process: subprocess.Popen, log: Path, pattern: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text()):
+        assert process.poll() is None, f"dvc repro ended early:\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def test_postgres_down_at_the_end_of_training_is_waited_for(stack, faulty, tmp_path):
+    """PostgreSQL is killed during epoch 2 and started again once training has ended: meanwhile the
+    MLflow server answers /health but 503 to everything else. The stage takes that for a server that
+    does not answer, waits for it at the end of training, then logs everything into the same run."""
+    log = tmp_path / "repro.log"
+    process = _start_repro(faulty, stack.environment(), log)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    stack.crash("postgres")
+    _wait_for_output(process, log, r"does not answer \(HTTP 503 .* reads its database\): waiting up to 30 s for it")
+    make("stack-up", stack.project)
+    returncode, output = _finish(process, log)
+    assert returncode == 0, output
+    client = stack.client()
+    assert_complete(client, client.get_run(run_id), epochs=3)
+
+
 def test_object_store_down_when_the_model_is_logged_then_the_rerun_logs_it(stack, faulty, tmp_path):
     """The stage fails with a message naming the problem, keeps the trained model, and `dvc repro`
     after the store is back resumes from the last epoch (nothing retrained) and logs the model
