@@ -1,4 +1,5 @@
-"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file.
+"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file;
+and telling a full disk from other write errors, with a message naming the folder and the space.
 
 Reads nothing; writes wherever the caller says.
 """
