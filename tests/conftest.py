@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,28 @@ def prepared_dir(tiny_archive, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "prepared"
     preprocess(tiny_archive[0], out, params.preprocess, params.seed)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function that mounts a tmpfs of the given size (`"256k"`) on a new folder and returns it:
+    a disk that fills up for real. Mounting needs root (CI runs as root); the test is skipped,
+    saying why, where it is not allowed."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(folder)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True)
+        except FileNotFoundError:
+            pytest.skip("no `mount` command: a full disk is tested on a small tmpfs")
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs for a full disk (needs root): {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)

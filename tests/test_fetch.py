@@ -153,3 +153,26 @@ def test_main_reads_url_and_md5_from_params(tmp_path, tiny_archive):
     target = tmp_path / "data" / "raw.tar.gz"
     fetch_main(["--params", str(params), "--out", str(target)])
     assert file_md5(target) == md5
+
+
+def test_a_full_disk_names_the_folder_and_the_space_needed_not_a_retry(server, small_disk):
+    disk = small_disk("512k")  # PAYLOAD is 1 MiB
+    with pytest.raises(DataError) as error:
+        download(server.url, PAYLOAD_MD5, disk / "cifar.tar.gz")
+    message = str(error.value)
+    assert re.fullmatch(
+        rf"no space left on the device of {disk}: the archive needs 1.0 MB \(0.5 MB free now\); nothing was written\. "
+        r"Free some space and rerun `dvc repro`",
+        message,
+    ), message
+    assert list(disk.iterdir()) == []  # the partial download is gone
+
+
+@pytest.mark.parametrize("as_url", [False, True], ids=["local path", "file URL"])
+def test_a_local_file_that_does_not_exist_says_so_and_to_check_fetch_url(tmp_path, as_url):
+    missing = tmp_path / "nowhere" / "cifar.tar.gz"
+    with pytest.raises(DataError) as error:
+        download(missing.as_uri() if as_url else str(missing), PAYLOAD_MD5, tmp_path / "raw.tar.gz")
+    assert str(error.value).startswith(f"{missing} does not exist: check fetch.url in params.yaml")
+    assert "retry" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from cifar_archive import cifar_members, random_split, records, write_archive
+from helpers import write_params
 
 from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import DataError
@@ -120,3 +124,25 @@ def test_too_few_images_for_the_validation_fraction(tmp_path):
         preprocess(
             archive, tmp_path / "prepared", PreprocessParams(validation_fraction=0.01, normalization="unit"), seed=1
         )
+
+
+def test_a_full_disk_names_the_folder_and_the_space_needed(tiny_archive, small_disk, tmp_path):
+    """The stage on a disk too small for its arrays (NumPy's short write raises an OSError without
+    errno): the user sees one line naming the folder and the space, no traceback, nothing written."""
+    disk = small_disk("256k")  # the tiny archive's arrays take 430 kB
+    params = write_params(tmp_path / "params.yaml")
+    stage = [sys.executable, "-m", "alexnet8", "preprocess", "--params", str(params)]
+    result = subprocess.run(
+        [*stage, "--archive", str(tiny_archive[0]), "--out", str(disk / "prepared")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert re.search(
+        rf"no space left on the device of {disk}: the prepared data needs 0.4 MB \(0.3 MB free now\); nothing was "
+        r"written\. Free some space and rerun `dvc repro`",
+        result.stderr,
+    ), result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(disk.iterdir()) == []

@@ -187,4 +187,6 @@ def test_ctrl_c_with_the_server_gone_exits_130_within_2_seconds(server, slow_pre
     assert returncode == 130, output
     assert ended - interrupted < 2, output
     assert "interrupted; run the stage again (`dvc repro`) to resume training" in output, output
+    # Why the run's status was not taken: the connection, not the Ctrl-C being handled.
+    assert re.search(r"did not take run \w+'s status KILLED \(ConnectionRefusedError: .*Connection refused\)", output)
     assert "Traceback" not in output, output

@@ -220,10 +220,31 @@ def test_stack_up_again_finds_everything_running(stack):
     assert "postgres  running" in make("stack-status", stack.project)
 
 
-def test_the_state_is_private_and_out_of_git(stack):
+def _secret_values(secrets: dict) -> list[bytes]:
+    values = [value for value in secrets.values() if isinstance(value, str)] + secrets["seaweedfs_jwt_keys"]
+    return [value.encode() for value in values]
+
+
+def _holds_any(path: Path, secrets: list[bytes]) -> bool:
+    content = path.read_bytes()
+    return any(secret in content for secret in secrets)
+
+
+def test_every_file_that_holds_a_secret_is_private(stack):
+    """Every file `make stack-up` wrote (in .stack/ and the project's .dvc/config.local, which
+    `make setup` made first) that holds a password or key is 0600, in a 0700 folder."""
     assert stat.S_IMODE(stack.folder.stat().st_mode) == 0o700
-    for secret in ("stack.json", "env", "pgpass", "mlflow/basic_auth.ini", "seaweedfs/s3.json"):
-        assert stat.S_IMODE((stack.folder / secret).stat().st_mode) == 0o600, secret
+    secrets = _secret_values(stack.state["secrets"])
+    written = [path for path in stack.folder.rglob("*") if path.is_file() and not path.is_symlink()]
+    holding = [path for path in [*written, stack.project / ".dvc/config.local"] if _holds_any(path, secrets)]
+    names = {str(path.relative_to(stack.project)) for path in holding}
+    expected = {"stack.json", "env", "pgpass", "mlflow/basic_auth.ini", "seaweedfs/s3.json", "seaweedfs/security.toml"}
+    assert {f".stack/{name}" for name in expected} | {".dvc/config.local"} <= names, names
+    modes = {str(path.relative_to(stack.project)): oct(stat.S_IMODE(path.stat().st_mode)) for path in holding}
+    assert {name: mode for name, mode in modes.items() if mode != "0o600"} == {}, modes
+
+
+def test_the_state_is_out_of_git(stack):
     run(["git", "check-ignore", "-q", ".stack/env"], stack.project, minimal_environment())
     assert run(["git", "status", "--porcelain"], stack.project, minimal_environment()).strip() == ""
     # The remote's keys are in .dvc/config.local, which DVC keeps out of git; .dvc/config has no remote.
@@ -524,6 +545,30 @@ def test_postgres_restarted_during_an_epoch(stack, faulty, tmp_path):
     process = _start_repro(faulty, stack.environment(), log)
     run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
     stack.restart("postgres")
+    returncode, output = _finish(process, log)
+    assert returncode == 0, output
+    client = stack.client()
+    assert_complete(client, client.get_run(run_id), epochs=3)
+
+
+def _wait_for_output(process: subprocess.Popen, log: Path, pattern: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, log.read_text()):
+        assert process.poll() is None, f"dvc repro ended early:\n{log.read_text()}"
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
+def test_postgres_down_at_the_end_of_training_is_waited_for(stack, faulty, tmp_path):
+    """PostgreSQL is killed during epoch 2 and started again once training has ended: meanwhile the
+    MLflow server answers /health but 503 to everything else. The stage takes that for a server that
+    does not answer, waits for it at the end of training, then logs everything into the same run."""
+    log = tmp_path / "repro.log"
+    process = _start_repro(faulty, stack.environment(), log)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    stack.crash("postgres")
+    _wait_for_output(process, log, r"does not answer \(HTTP 503 .* reads its database\): waiting up to 30 s for it")
+    make("stack-up", stack.project)
     returncode, output = _finish(process, log)
     assert returncode == 0, output
     client = stack.client()

@@ -37,6 +37,28 @@ def test_secret_files_are_private_from_the_first_byte(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "x\n"
 
 
+def test_a_stale_temporary_file_does_not_expose_a_secret(tmp_path):
+    stale = tmp_path / ".secret.tmp"
+    stale.write_text("left by a crash")
+    stale.chmod(0o644)
+    stack_script.write_private(tmp_path / "secret", "x\n")
+    assert stat.S_IMODE((tmp_path / "secret").stat().st_mode) == 0o600 and not stale.exists()
+
+
+def test_the_dvc_remotes_keys_go_into_a_private_config_local_even_if_it_was_not(tmp_path):
+    """`make setup` may have made .dvc/config.local with the umask's mode (0644) already."""
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    config = tmp_path / ".dvc/config.local"
+    config.write_text("[plots]\n    html_template = plots/template.html\n")
+    config.chmod(0o644)
+    stack = stack_script.Stack(tmp_path / ".stack")
+    stack.settings, stack.secrets = stack_script.Settings(), stack_script.Secrets.generate()
+    stack.add_dvc_remote(tmp_path)
+    text = config.read_text()
+    assert stack.secrets.s3_secret_key in text and "html_template = plots/template.html" in text
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+
+
 def test_a_server_that_exits_is_named_with_its_log(tmp_path):
     stack = stack_script.Stack(tmp_path)
     (tmp_path / "mlflow.log").write_text("starting\nError: the database is not there\n")

@@ -1,7 +1,10 @@
 """Where runs go: the project's own store, also from DVC's temporary experiment workspaces, and
-after the project was copied or moved."""
+after the project was copied or moved; what a tracking server that does not answer costs and says."""
 
+import http.server
 import shutil
+import socket
+import threading
 from pathlib import Path
 
 import mlflow
@@ -98,3 +101,96 @@ def test_an_mlflow_error_in_a_later_stage_says_to_rerun_it_and_ends_the_run_fail
     assert "did not take this stage's results (API request failed: 503 Service Unavailable)" in str(error.value)
     assert f"rerun the stage (`dvc repro`) once it answers, to log them into run {run_id}" in str(error.value)
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+class _ServerWithoutDatabase:
+    """An MLflow server on 127.0.0.1 whose database is down for its first `failures` API requests:
+    /health answers 200 all along, the API 503 (as MLflow does when PostgreSQL does not answer)."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.authorizations = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/health":
+                    server.authorizations.append(self.headers.get("Authorization"))
+                    if server.failures > 0:
+                        server.failures -= 1
+                        self.send_error(503, "Service Unavailable")
+                        return
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server_without_database():
+    servers = []
+    yield lambda failures: servers.append(_ServerWithoutDatabase(failures)) or servers[-1]
+    for server in servers:
+        server.close()
+
+
+def test_a_server_whose_database_is_down_is_waited_for_like_a_server_that_is_down(
+    server_without_database, monkeypatch, caplog
+):
+    server = server_without_database(failures=2)  # two probes, a second apart
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    with caplog.at_level("INFO", logger="alexnet8.tracking"):
+        assert tracking.wait_for_tracking_server(seconds=30) is None
+    assert (
+        f"MLflow at {server.uri} does not answer (HTTP 503 (Service Unavailable) to a request that reads its "
+        "database): waiting up to 30 s for it" in caplog.text
+    )
+    assert f"MLflow at {server.uri} answers again" in caplog.text
+    assert set(server.authorizations) == {"Basic YWRtaW46c2VjcmV0"}  # the client's credentials: admin:secret
+
+
+def test_a_server_whose_database_stays_down_fails_the_check_before_training(server_without_database, monkeypatch):
+    server = server_without_database(failures=1000)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    with pytest.raises(PipelineError) as error:
+        tracking.check_tracking_server()
+    assert str(error.value).startswith(
+        f"the MLflow tracking server at {server.uri} (MLFLOW_TRACKING_URI) does not answer: HTTP 503 "
+        "(Service Unavailable) to a request that reads its database"
+    )
+    assert tracking.wait_for_tracking_server(seconds=1) == (
+        "HTTP 503 (Service Unavailable) to a request that reads its database"
+    )
+
+
+def _nothing_listens() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, PipelineError], ids=["Ctrl-C", "the stage's error"])
+def test_a_run_ended_while_the_server_is_gone_says_why_its_status_was_not_taken(tmp_path, monkeypatch, caplog, stop):
+    for name, value in tracking.HTTP_REQUEST_BOUNDS.items():
+        monkeypatch.setenv(name, value)  # as the stage sets them (restored after the test)
+    with pytest.raises(stop), tracking.start_pipeline_run("local", "run", tmp_path / "run.json") as record:
+        mlflow.set_tracking_uri(_nothing_listens())  # the server died during the stage
+        raise stop("the stage's own message")
+    status = "KILLED" if stop is KeyboardInterrupt else "FAILED"
+    assert (
+        f"did not take run {record['run_id']}'s status {status} (ConnectionRefusedError: [Errno 111] Connection "
+        "refused): it shows RUNNING until a rerun ends it" in caplog.text
+    )

@@ -93,7 +93,7 @@ def _checked_file(prepared_dir: Path, file_name: str) -> Path:
     if recorded is not None and file_md5(path) != recorded:
         raise DataError(
             f"{path} is damaged (its md5 differs from the one in {DATASET_FILE}): restore it with "
-            f"`dvc checkout {prepared_dir}`, or run `dvc repro --force -s preprocess`"
+            f"`dvc checkout --force {prepared_dir}`, or run `dvc repro --force -s preprocess`"
         )
     return path
 
@@ -111,7 +111,7 @@ def load_split(prepared_dir: str | Path, split: str) -> Split:
         labels = np.load(labels_path, mmap_mode="r")
     except ValueError as error:  # a truncated file that no md5 was recorded for
         raise DataError(
-            f"{prepared_dir}: a {split} array is damaged ({error}): run `dvc checkout {prepared_dir}`"
+            f"{prepared_dir}: a {split} array is damaged ({error}): run `dvc checkout --force {prepared_dir}`"
         ) from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
         raise DataError(

@@ -54,7 +54,7 @@ def load_trained_model(path: str | Path) -> keras.Model:
         raise DataError(f"{path} not found: run the train stage first")
     if not zipfile.is_zipfile(path):  # a .keras file is a zip archive
         raise DataError(
-            f"{path} is not a Keras model file (damaged or cut short?): restore it with `dvc checkout {path}`, "
+            f"{path} is not a Keras model file (damaged or cut short?): restore it with `dvc checkout --force {path}`, "
             "or run the train stage again"
         )
     try:

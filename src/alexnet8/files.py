@@ -1,4 +1,5 @@
-"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file.
+"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file;
+and telling a full disk from other write errors, with a message naming the folder and the space.
 
 Reads nothing; writes wherever the caller says.
 """
@@ -6,6 +7,7 @@ Reads nothing; writes wherever the caller says.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +30,29 @@ def _publish(temporary: Path, path: Path, mode: int) -> None:
     # open()/mkdir() would have, so outputs stay readable by whoever may read the project.
     temporary.chmod(mode & ~_umask())
     os.replace(temporary, path)
+
+
+def disk_full(error: OSError, folder: str | Path, needed: int) -> bool:
+    """Whether `error`, raised while writing `needed` bytes into `folder`, means that its device is
+    full. NumPy's short write (`np.save`) raises an OSError without errno: then the free space
+    tells (measure it after removing what was written)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return error.errno is None and shutil.disk_usage(folder).free < needed
+
+
+def no_space_message(folder: str | Path, what: str, needed: int, exact: bool = True) -> str:
+    """The error for a full device: the folder, what needs how much (more than `needed` if not
+    `exact`), how much is free now."""
+    return (
+        f"no space left on the device of {folder}: {what} needs {'' if exact else 'more than '}"
+        f"{_megabytes(needed)} ({_megabytes(shutil.disk_usage(folder).free)} free now); nothing was written. "
+        "Free some space and rerun `dvc repro`"
+    )
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.{1 if size < 10e6 else 0}f} MB"
 
 
 def file_md5(path: str | Path) -> str:

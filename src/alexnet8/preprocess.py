@@ -14,9 +14,7 @@ The archive is read with numpy from its binary records (1 label byte, then 1024 
 
 from __future__ import annotations
 
-import errno
 import logging
-import shutil
 import tarfile
 import zlib
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ import numpy as np
 from alexnet8 import cli
 from alexnet8.dataset import DATASET_FILE, SPLITS, image_file, label_file
 from alexnet8.errors import DataError
-from alexnet8.files import atomic_directory, file_md5, write_json
+from alexnet8.files import atomic_directory, disk_full, file_md5, no_space_message, write_json
 from alexnet8.params import PreprocessParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -166,13 +164,10 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
             description["md5"] = digests
             write_json(temporary / DATASET_FILE, description)
     except OSError as error:
-        if error.errno != errno.ENOSPC:
-            raise
         folder = Path(out_dir).resolve().parent
-        raise DataError(
-            f"no space left on the device of {folder}: the prepared data needs {needed / 1e6:.0f} MB "
-            f"({shutil.disk_usage(folder).free / 1e6:.0f} MB free now); nothing was written"
-        ) from None
+        if not disk_full(error, folder, needed):
+            raise
+        raise DataError(no_space_message(folder, "the prepared data", needed)) from None
     logger.info(
         "wrote %s: %s images, normalization %s",
         out_dir,

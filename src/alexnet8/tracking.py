@@ -14,6 +14,7 @@ run are the same.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import importlib.metadata
@@ -58,6 +59,8 @@ HTTP_REQUEST_BOUNDS = {
 # At the end of training, how long to wait for a server that does not answer, before the stage
 # fails (the model saved, to be logged by the rerun): long enough for a server's restart.
 RESTART_GRACE_SECONDS = 30
+# What the server must answer besides /health, which answers 200 while its database is down.
+DATABASE_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 # Ending a run that is being stopped or has failed: one try, briefly (Ctrl-C must act at once).
 LAST_REQUEST_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "1"}
 
@@ -148,13 +151,22 @@ def _last_request_bounds() -> Iterator[None]:
                 os.environ[name] = value
 
 
-def failure_reason(error: BaseException) -> str:
-    """What went wrong at the bottom of an MLflow client error: `[Errno 111] Connection refused`
-    rather than the request's URL, the retry policy and the exception classes around it."""
-    root = error
-    while (root.__cause__ or root.__context__) is not None:
-        root = root.__cause__ or root.__context__
-    return str(root) if root is not error or not isinstance(error, MlflowException) else error.message
+def failure_reason(error: BaseException, handled: BaseException | None = None) -> str:
+    """What went wrong at the bottom of an MLflow client error, with its class:
+    `ConnectionRefusedError: [Errno 111] Connection refused` rather than the request's URL, the
+    retry policy and the exception classes around it. The chain is followed through errors only,
+    and not into `handled`: the exception being handled when the request was made (a Ctrl-C, the
+    stage's own error) is not why the request failed."""
+    root, seen = error, {id(error)}
+    while True:
+        below = root.__cause__ or root.__context__
+        if below is None or below is handled or not isinstance(below, Exception) or id(below) in seen:
+            break
+        root = below
+        seen.add(id(root))
+    if root is error and isinstance(error, MlflowException):
+        return error.message
+    return f"{type(root).__name__}: {root}" if str(root) else type(root).__name__
 
 
 def end_run(status: str) -> None:
@@ -165,6 +177,7 @@ def end_run(status: str) -> None:
     if active is None:  # ended already, by the block itself
         return
     run_id = active.info.run_id
+    handled = sys.exc_info()[1]  # the Ctrl-C or the error that ends the run, if any
     try:
         if status == "FINISHED":
             mlflow.end_run(status)
@@ -177,7 +190,7 @@ def end_run(status: str) -> None:
             mlflow.get_tracking_uri(),
             run_id,
             status,
-            failure_reason(error),
+            failure_reason(error, handled),
         )
 
 
@@ -215,17 +228,34 @@ def wait_for_tracking_server(seconds: float = RESTART_GRACE_SECONDS) -> object |
 
 
 def _server_silence(uri: str) -> object | None:
-    """Why the tracking server at `uri` does not answer its health check, or None if it does (or
-    `uri` is not a server)."""
+    """Why the tracking server at `uri` does not answer, or None if it does (or `uri` is not a
+    server). It must answer its health check and a request that reads its database (its /health
+    answers 200 while the database is down, and every other request 503); an answer 5xx is no
+    answer, one 4xx (asking for credentials, refusing a user) is."""
     if urlparse(uri).scheme not in ("http", "https"):
         return None
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_SECONDS).close()
-    except urllib.error.HTTPError:
-        return None  # it answered (perhaps asking for credentials): the server is there
-    except (urllib.error.URLError, OSError) as error:
-        return getattr(error, "reason", error)
+    probes = {"/health": {}, DATABASE_PROBE: _authorization()}
+    for path, headers in probes.items():
+        request = urllib.request.Request(f"{uri.rstrip('/')}{path}", headers=headers)
+        try:
+            urllib.request.urlopen(request, timeout=SERVER_TIMEOUT_SECONDS).close()
+        except urllib.error.HTTPError as error:
+            if error.code >= 500:
+                what = "its health check" if path == "/health" else "a request that reads its database"
+                return f"HTTP {error.code} ({error.reason}) to {what}"
+        except (urllib.error.URLError, OSError) as error:
+            return getattr(error, "reason", error)
     return None
+
+
+def _authorization() -> dict[str, str]:
+    """The Authorization header MLflow's client sends, from the same variables, in its order."""
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    return {}
 
 
 def _recorded_run_id(path: Path) -> str | None:
