@@ -60,9 +60,10 @@ WORKERS ?= 2
 train-workers: setup
 	python -m alexnet8.workers --workers $(WORKERS)
 
-# MLflow 3's UI opens in its GenAI view; the workflowType parameter opens the model-training one.
+# MLflow 3's UI opens in its GenAI view: the address printed opens the runs table in model-training
+# mode with the project's columns (alexnet8.tracking.runs_page_url).
 ui: setup
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@python -m alexnet8.tracking --ui-url http://127.0.0.1:5000
 	mlflow ui --host 127.0.0.1 --port 5000
 
 # The team stack on 127.0.0.1 (docs/team.md): PostgreSQL, a SeaweedFS S3 store and an MLflow server

@@ -47,6 +47,30 @@ logger = logging.getLogger(__name__)
 SERVER_TIMEOUT_SECONDS = 5
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EVALUATE_PREFIX = "evaluate."
+# MLflow's UI (3.17) restores a runs-table view from the experiment tag `mlflow.sharedViewState.<key>`
+# when the address says `viewStateShareKey=<key>`: the columns a user compares runs on. Training
+# runs fill the params and val/* columns; the evaluations nested under them (expand a run) the rest.
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_TAG = f"{SHARED_VIEW_PREFIX}alexnet8-runs"
+RUNS_VIEW = {
+    "selectedColumns": [
+        *(f"metrics.`{name}`" for name in ("val/accuracy", "test/accuracy", "val_served/accuracy", "train/loss")),
+        *(
+            f"params.`{name}`"
+            for name in (
+                "train.optimizer",
+                "train.learning_rate",
+                "train.batch_size",
+                "train.epochs",
+                "seed",
+                "evaluate.flip_tta",
+                "evaluate.tta_translate",
+            )
+        ),
+    ],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
 
 # MLflow's client retries a request to a tracking server 7 times with backoff, each try waiting up
 # to 120 s: a server that died costs about 4 minutes per request. The stages' bounds: 2 retries
@@ -90,17 +114,32 @@ def _create_project_store() -> None:
 
 def _set_experiment(name: str) -> None:
     """Set the experiment, creating it if needed: in the local store its artifacts go to
-    <project root>/mlruns, and MLflow's UI opens it as a model-training experiment."""
-    if mlflow.get_experiment_by_name(name) is None:
+    <project root>/mlruns, and MLflow's UI opens it as a model-training experiment, its runs
+    table showing the key params and metrics (RUNS_VIEW_TAG)."""
+    experiment = mlflow.get_experiment_by_name(name)
+    view = json.dumps(RUNS_VIEW)
+    if experiment is None:
         local = mlflow.get_tracking_uri() == local_store.store_uri()
         root = local_store.project_root()
         artifact_location = (root / local_store.ARTIFACTS_FOLDER).as_uri() if local else None
         # The tag MLflow's UI sets when one picks the experiment's kind; which view opens (GenAI or
         # model training) is the UI's toggle or its workflowType URL parameter (see `make ui`).
-        tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
+        tags = {EXPERIMENT_KIND_TAG: "custom_model_development", RUNS_VIEW_TAG: view}
         with contextlib.suppress(MlflowException):  # created meanwhile by a parallel experiment
             mlflow.create_experiment(name, artifact_location=artifact_location, tags=tags)
+    elif experiment.tags.get(RUNS_VIEW_TAG) != view:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, RUNS_VIEW_TAG, view)
     mlflow.set_experiment(name)
+
+
+def runs_page_url(base_url: str, experiment_name: str) -> str:
+    """The address of the experiment's runs table in MLflow's UI, in model-training mode, with the
+    columns of RUNS_VIEW; the experiments list while the experiment does not exist yet."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return f"{base_url}/#/experiments?workflowType=machine_learning"
+    query = f"workflowType=machine_learning&viewStateShareKey={RUNS_VIEW_TAG.removeprefix(SHARED_VIEW_PREFIX)}"
+    return f"{base_url}/#/experiments/{experiment.experiment_id}/runs?{query}"
 
 
 def provenance_tags() -> dict[str, str]:
@@ -443,3 +482,22 @@ def log_run_inputs(
     mlflow.log_text(installed_packages(), "provenance/packages.txt")
     # Class names, split sizes, the normalization and its statistics: what the data was.
     mlflow.log_dict(description, "provenance/dataset.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m alexnet8.tracking --ui-url BASE`: print where `make ui`'s runs table is."""
+    import argparse
+
+    from alexnet8.params import load_params
+
+    parser = argparse.ArgumentParser(prog="python -m alexnet8.tracking", description=main.__doc__)
+    parser.add_argument("--ui-url", required=True, help="the UI's base address, e.g. http://127.0.0.1:5000")
+    parser.add_argument("--params", default="params.yaml", help="params file naming the experiment")
+    arguments = parser.parse_args(argv)
+    use_project_store()
+    url = runs_page_url(arguments.ui_url.rstrip("/"), load_params(arguments.params).mlflow.experiment_name)
+    print(f"MLflow UI: {url}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
