@@ -232,13 +232,12 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
     command = [sys.executable, "-m", "alexnet8", "train", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 180
-    while not list((tmp_path / "checkpoints").glob("*/training_metadata.json")):  # an epoch is done
+    while not list((tmp_path / "checkpoints").glob("*/epoch-*/")):  # an epoch's set is complete
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.02)
     process.send_signal(signal_number)
     output = process.communicate()[0]
-    [metadata] = (tmp_path / "checkpoints").glob("*/training_metadata.json")
-    stopped_after = json.loads(metadata.read_text())["epoch"]
+    stopped_after = completed_epochs(next((tmp_path / "checkpoints").iterdir()))
     assert 1 <= stopped_after < epochs, output
     client = mlflow.MlflowClient()
     [run] = _runs(client)

@@ -37,7 +37,7 @@ class EpochProgress(keras.callbacks.Callback):
 
     `steps_per_epoch` and `batch_size` are what fit is given (fit only knows the steps of an
     endless dataset when told them). Epochs are numbered from the index fit passes to
-    `on_epoch_begin`, so a run resumed by BackupAndRestore at epoch 3 shows `epoch 3/5`.
+    `on_epoch_begin`, so a run resumed at epoch 3 shows `epoch 3/5`.
 
     Cost per step: one clock read and one comparison in log mode; a tqdm update (it redraws at
     most 10 times a second) in bar mode. The Keras TensorFlow backend converts every step's

@@ -29,7 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from alexnet8.checkpoints import DropoutStateBackup, completed_epochs
+from alexnet8.checkpoints import completed_epochs
 from alexnet8.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -263,33 +263,14 @@ def prepare_for_fit(model: keras.Model, strategy: tf.distribute.Strategy, elemen
     model.test_step = _metrics_as_vectors(model.test_step)
 
 
-class RestoreOnly(keras.callbacks.BackupAndRestore):
-    """The chief's BackupAndRestore state, restored on another worker, which saves none itself."""
-
-    def on_epoch_end(self, epoch, logs=None):
-        pass
-
-    def on_train_batch_end(self, batch, logs=None):
-        pass
-
-
-class WorkerDropoutState(DropoutStateBackup):
-    """DropoutStateBackup for a worker: the chief saves and restores the dropout layers' random
-    state, the others restore the chief's; each then offsets its seed by its rank, so the workers
-    draw different masks and a resumed run draws the same as an uninterrupted one."""
-
-    def __init__(self, checkpoint_dir: str | Path, rank: int):
-        super().__init__(checkpoint_dir)
-        self.rank = rank
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        if self.rank:
-            for variable in self._states().values():
-                state = np.asarray(variable).copy()
-                state[0] = (int(state[0]) + self.rank * _DROPOUT_SEED_STRIDE) % 2**32
-                variable.assign(state)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.rank == 0:
-            super().on_epoch_end(epoch, logs)
+def offset_dropout_seeds(model: keras.Model, rank: int) -> None:
+    """Offset the dropout layers' seed by the worker's rank (the chief's, rank 0, stays as it is), so
+    the workers draw different masks, and a resumed run, which restores the chief's random state
+    first, draws the same as an uninterrupted one."""
+    if not rank:
+        return
+    for layer in model.layers:
+        if hasattr(layer, "seed_generator"):
+            state = np.asarray(layer.seed_generator.state).copy()
+            state[0] = (int(state[0]) + rank * _DROPOUT_SEED_STRIDE) % 2**32
+            layer.seed_generator.state.assign(state)

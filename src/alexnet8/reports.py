@@ -36,14 +36,6 @@ def history_columns(path: str | Path) -> dict[str, list[float]]:
     return {name: [row[name] for row in rows] for name in (rows[0] if rows else {})}
 
 
-def truncate_history(path: Path, epochs: int) -> None:
-    """Keep the header and the first `epochs` rows: an epoch redone after a crash is not listed twice."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        with atomic_path(path) as temporary:
-            temporary.write_text("".join(lines[: 1 + epochs]), encoding="utf-8")
-
-
 def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarray, class_names: Sequence[str]) -> None:
     """Actual and predicted class name of every image, in order."""
     with atomic_path(path) as temporary, open(temporary, "w", newline="", encoding="utf-8") as stream:

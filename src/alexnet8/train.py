@@ -7,7 +7,7 @@ the last epoch's metrics `--metrics` (JSON, for `dvc metrics`), and the run file
 naming the MLflow run. MLflow gets every param but `evaluate.*`, per-epoch loss and accuracy
 (training and validation, step = epoch) and provenance (git commit, data md5s, params.yaml,
 dvc.lock, package versions); the evaluate stage logs and registers the model it scores.
-While training runs, `--checkpoints/<key>/` holds the state to resume from after an
+While training runs, `--checkpoints/<key>/` holds each epoch's state, to resume from after an
 interruption (see checkpoints.py); it is deleted once the model is saved and every epoch logged.
 With `TF_CONFIG` set, this is one worker of a multi-worker training (multi_worker.py): the
 chief does all of the above; the other workers train their share of each batch and write nothing.
@@ -32,31 +32,34 @@ from alexnet8 import cli
 from alexnet8.checkpoints import (
     HISTORY_FILE,
     RUN_RECORD_FILE,
-    DropoutStateBackup,
+    EpochCheckpoint,
+    SavedEpoch,
     checkpoint_dir_for,
-    completed_epochs,
+    disk_space_explained,
+    latest_saved_epoch,
+    recover_run_record,
+    restore_state,
     training_key,
 )
 from alexnet8.dataset import Split, dataset_digest, load_description, load_split
 from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
-from alexnet8.files import atomic_path, write_json
+from alexnet8.files import atomic_path, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.model import initialize_conv1_whitening, portable_model
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
-    RestoreOnly,
     Worker,
-    WorkerDropoutState,
     check_last_batch,
     join_cluster,
+    offset_dropout_seeds,
     peer_failures_explained,
     prepare_for_fit,
 )
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
-from alexnet8.reports import history_columns, truncate_history
+from alexnet8.reports import history_columns
 from alexnet8.runtime import configure_runtime, distribution_strategy
 from alexnet8.tracking import (
     check_tracking_server,
@@ -95,26 +98,26 @@ def train_model(
     `checkpoint_dir` to resume from and writes nothing there.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    with _history_file(checkpoint_dir, worker) as history_path:
-        keras.utils.set_random_seed(seed)
-        first_epoch = completed_epochs(checkpoint_dir)
-        if first_epoch:
-            logger.info("resuming from %s after epoch %d of %d", checkpoint_dir, first_epoch, params.epochs)
-        truncate_history(history_path, first_epoch)
-
-        steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
-        strategy = worker.strategy if worker else distribution_strategy()
-        with strategy.scope():
-            model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
-            if params.whitening_images:
-                initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
-            # BackupAndRestore needs a built optimizer to restore its state into.
-            model.optimizer.build(model.trainable_variables)
+    chief = worker is None or worker.is_chief
+    keras.utils.set_random_seed(seed)
+    steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
+    strategy = worker.strategy if worker else distribution_strategy()
+    with strategy.scope():
+        model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
+        if params.whitening_images:
+            initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
+        model.optimizer.build(model.trainable_variables)  # its variables exist, to restore into
+        resumed = latest_saved_epoch(checkpoint_dir, model, writer=chief)
+        first_epoch = resumed.epoch if resumed else 0
+        if resumed:
+            logger.info("resuming from %s after epoch %d of %d", resumed.path, first_epoch, params.epochs)
+            restore_state(model, resumed)
+        if worker:
+            offset_dropout_seeds(model, worker.cluster.rank)
+    with disk_space_explained(checkpoint_dir), _history_file(checkpoint_dir, chief, resumed) as history_path:
         one_hot = one_hot_length(params, num_classes)
         train_data = training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch)
         validation_data = make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot)
-        backup = keras.callbacks.BackupAndRestore(str(checkpoint_dir), delete_checkpoint=False)
-        dropout_state = DropoutStateBackup(checkpoint_dir)
         if worker:
             workers, rank = worker.cluster.workers, worker.cluster.rank
             worker.agree_on_epoch(first_epoch, params.epochs)
@@ -127,15 +130,13 @@ def train_model(
                     validation_split, params.batch_size, one_hot_classes=one_hot, workers=workers, rank=rank
                 )
             )
-            dropout_state = WorkerDropoutState(checkpoint_dir, rank)
-            if not worker.is_chief:
-                backup = RestoreOnly(str(checkpoint_dir), delete_checkpoint=False)
         # A dead or unreachable peer fails this worker with a message saying how to resume.
         with peer_failures_explained(checkpoint_dir) if worker else contextlib.nullcontext():
             model.fit(
                 train_data,
                 validation_data=validation_data,
                 epochs=params.epochs,
+                initial_epoch=first_epoch,
                 steps_per_epoch=steps_per_epoch,
                 shuffle=False,  # the dataset shuffles itself, per epoch
                 callbacks=[
@@ -143,11 +144,11 @@ def train_model(
                     # otherwise), then its metrics.
                     EpochProgress(steps_per_epoch, params.batch_size),
                     keras.callbacks.TerminateOnNaN(),
-                    # Everything an epoch leaves is written before BackupAndRestore's checkpoint, which
-                    # marks the epoch done; MLflow is told after it (see EpochMetricsToMlflow).
+                    # The epoch's history row is written before its checkpoint set, which holds it
+                    # and marks the epoch done (the chief's); MLflow is told after it (see
+                    # EpochMetricsToMlflow).
                     keras.callbacks.CSVLogger(str(history_path), append=True),
-                    dropout_state,
-                    backup,
+                    *([EpochCheckpoint(checkpoint_dir, history_path)] if chief else []),
                     *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
                     *callbacks,
                 ],
@@ -156,7 +157,7 @@ def train_model(
         history = history_columns(history_path)
         losses = history.get("loss", [])
         if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
-            if worker is None or worker.is_chief:
+            if chief:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
             raise TrainingDiverged(
                 f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
@@ -166,17 +167,18 @@ def train_model(
 
 
 @contextlib.contextmanager
-def _history_file(checkpoint_dir: Path, worker: Worker | None) -> Iterator[Path]:
-    """Where the per-epoch history goes: the checkpoint folder's, or for a worker other than the
-    chief, a private copy of it (it resumes from the chief's and writes nothing there)."""
-    if worker is None or worker.is_chief:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        yield checkpoint_dir / HISTORY_FILE
-        return
-    with tempfile.TemporaryDirectory(prefix="alexnet8-worker-") as private:
-        history = Path(private) / HISTORY_FILE
-        if (checkpoint_dir / HISTORY_FILE).exists():
-            shutil.copyfile(checkpoint_dir / HISTORY_FILE, history)
+def _history_file(checkpoint_dir: Path, chief: bool, resumed: SavedEpoch | None) -> Iterator[Path]:
+    """Where the per-epoch history goes, holding the resumed set's epochs: the checkpoint folder's,
+    or for a worker other than the chief, a private file (it writes nothing in that folder)."""
+    with contextlib.ExitStack() as stack:
+        private = None if chief else stack.enter_context(tempfile.TemporaryDirectory(prefix="alexnet8-worker-"))
+        folder = Path(private) if private else checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        history = folder / HISTORY_FILE
+        if resumed:
+            write_text(history, resumed.history)
+        else:
+            history.unlink(missing_ok=True)  # rows of an epoch whose set was never complete
         yield history
 
 
@@ -210,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%s done: the chief saves the model and logs the run", worker.cluster.task)
         return
     this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
+    recover_run_record(this_checkpoint)
 
     run_name = default_run_name(params)
     with start_pipeline_run(
