@@ -261,6 +261,7 @@ cli.run(train.main, arguments, interrupted=cli.STAGES["train"].interrupted)
 """
 
 EPOCHS = 5
+EPOCH_NUMBERS = list(range(1, EPOCHS + 1))  # as MLflow steps and the history CSV number them
 TINY = {"train.epochs": EPOCHS, "train.batch_size": 16, "train.dense_units": 32}
 
 
@@ -353,8 +354,8 @@ def test_a_train_stage_killed_at_any_point_of_an_epochs_end_resumes_bit_identica
     client = mlflow.MlflowClient()
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"  # one run, continued by every rerun
-    for metric in ("loss", "val_accuracy"):
-        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(range(EPOCHS))
+    for metric in ("train/loss", "val/accuracy"):
+        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == EPOCH_NUMBERS
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + EPOCHS
     weights = load_trained_model(tmp_path / "model.keras").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, weights, strict=True))
@@ -395,6 +396,6 @@ def test_a_disk_that_fills_during_training_fails_the_run_clearly_and_the_rerun_r
     assert returncode == 0 and _resumed_after(output) == 1, output
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
-    assert [point.step for point in client.get_metric_history(run.info.run_id, "loss")] == list(range(EPOCHS))
+    assert [point.step for point in client.get_metric_history(run.info.run_id, "train/loss")] == EPOCH_NUMBERS
     weights = load_trained_model(tmp_path / "model.keras").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, weights, strict=True))

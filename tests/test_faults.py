@@ -26,6 +26,7 @@ from alexnet8.checkpoints import completed_epochs
 from alexnet8.dataset import load_split
 from alexnet8.errors import DataError, PipelineError
 from alexnet8.evaluate import load_trained_model
+from alexnet8.metric_names import EPOCH_METRICS
 from alexnet8.params import TrainParams, load_params
 from alexnet8.preprocess import read_archive
 
@@ -119,8 +120,8 @@ def test_a_resumed_training_continues_its_mlflow_run_with_every_epoch_once(prepa
     train.main(arguments)
     [finished] = _runs(client)
     assert finished.info.run_id == interrupted.info.run_id and finished.info.status == "FINISHED"
-    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        assert [point.step for point in client.get_metric_history(finished.info.run_id, metric)] == [0, 1, 2], metric
+    for metric in EPOCH_METRICS:
+        assert [point.step for point in client.get_metric_history(finished.info.run_id, metric)] == [1, 2, 3], metric
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + 3
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
@@ -169,7 +170,7 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, m
     client = mlflow.MlflowClient()
     runs = {run.info.status: run for run in _runs(client)}
     assert set(runs) == {"KILLED", "FINISHED"}  # a new run, not the interrupted one continued
-    assert [point.step for point in client.get_metric_history(runs["FINISHED"].info.run_id, "loss")] == [0, 1, 2]
+    assert [point.step for point in client.get_metric_history(runs["FINISHED"].info.run_id, "train/loss")] == [1, 2, 3]
     assert not stale.exists()
 
 
@@ -252,10 +253,10 @@ def test_a_killed_train_process_resumes_where_it_stopped(prepared_dir, tmp_path,
     assert f"after epoch {stopped_after} of {epochs}" in rerun.stderr
     [run] = _runs(client)
     assert run.info.status == "FINISHED"
-    for metric in ("loss", "val_accuracy"):
-        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(range(epochs)), (
-            metric
-        )
+    for metric in ("train/loss", "val/accuracy"):
+        assert [point.step for point in client.get_metric_history(run.info.run_id, metric)] == list(
+            range(1, epochs + 1)
+        ), metric
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 1 + epochs
 
 

@@ -267,7 +267,7 @@ def test_dvc_plots_show_and_diff_pages_load_no_script_from_the_network(tmp_path)
         page = page_path.read_text(encoding="utf-8")
         assert page.count("vegaEmbed('#") == 3  # accuracy, loss, confusion
         assert "https://vega.github.io/schema/vega-lite/v5.json" in page  # the specs, as data
-        assert "val_accuracy" in page and "val_loss" in page
+        assert "val/accuracy" in page and "val/loss" in page
     assert '"rev": "HEAD"' in (tmp_path / "plots-diff" / "index.html").read_text(encoding="utf-8")
     # The page folder and the template stay out of git.
     assert run("git", "status", "--porcelain").splitlines() == [f" M {paths['history']}"]

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from helpers import commit_all, evaluation_run, fresh_clone, run_command, write_params
 
+from alexnet8.metric_names import EPOCH_METRICS
+
 pytestmark = pytest.mark.slow
 
 
@@ -64,13 +66,13 @@ def test_dvc_metrics_show_reports_test_and_training_metrics(project):
     files = next(iter(shown.values()))["data"]  # keyed by revision; the workspace is ""
     test_metrics = files["reports/test_metrics.json"]["data"]
     assert 0 <= test_metrics["test"]["accuracy"] <= 1 and test_metrics["test"]["loss"] > 0
-    assert set(files["reports/train_metrics.json"]["data"]) == {"accuracy", "loss", "val_accuracy", "val_loss"}
+    assert files["reports/train_metrics.json"]["data"].keys() == {"train", "val"}  # DVC: train.accuracy, ...
 
 
 def test_dvc_plots_show_renders(project):
     _run(["dvc", "plots", "show", "-o", "plots_html"], project)
     page = (project / "plots_html" / "index.html").read_text()
-    assert "val_accuracy" in page and "val_loss" in page
+    assert "val/accuracy" in page and "val/loss" in page
 
 
 def test_mlflow_run_holds_the_whole_pipeline(project):
@@ -81,8 +83,8 @@ def test_mlflow_run_holds_the_whole_pipeline(project):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "2" and run.data.params["fetch.md5"] == run.data.tags["data.archive_md5"]
     assert run.data.tags["mlflow.source.git.commit"] == _run(["git", "rev-parse", "HEAD"], project).strip()
-    for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
-        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
+    for metric in EPOCH_METRICS:
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [1, 2], metric
     assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
         "figures/training_curves.png",
         "figures/confusion_matrix.png",
@@ -232,7 +234,7 @@ def test_queued_experiments_run_by_dvc_queue_start_each_become_an_mlflow_run(pro
     for name, rate in rates.items():
         run = runs[name]
         assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == str(rate)
-        assert "accuracy" in run.data.metrics
+        assert "train/accuracy" in run.data.metrics
         assert "test/accuracy" in evaluation_run(client, run.info.run_id).data.metrics
     assert runs["queued-fast"].info.run_id != runs["queued-slow"].info.run_id
 

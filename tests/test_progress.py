@@ -74,7 +74,9 @@ def test_without_a_terminal_an_epoch_logs_ten_progress_lines_then_one_line_with_
         ends = [match for match in map(EPOCH_LINE.match, messages) if match and match["epoch"] == epoch]
         assert len(ends) == 1, messages
         # verbose=2's metrics, in its order.
-        assert re.fullmatch(r"loss [\d.]+, accuracy [\d.]+, val_loss [\d.]+, val_accuracy [\d.]+", ends[0]["metrics"])
+        assert re.fullmatch(
+            r"train/loss [\d.]+, train/accuracy [\d.]+, val/loss [\d.]+, val/accuracy [\d.]+", ends[0]["metrics"]
+        )
     # The epoch's line comes after its progress lines.
     assert EPOCH_LINE.match(messages[10]) and EPOCH_LINE.match(messages[-1])
 

@@ -32,13 +32,14 @@ from cifar_archive import make_cifar_archive
 from helpers import activated_environment, commit_all, evaluation_run, fresh_clone, load_script, minimal_environment
 from helpers import run_command as run
 
+from alexnet8.metric_names import EPOCH_METRICS
+
 pytestmark = pytest.mark.stack
 
 stack_script = load_script("stack/stack.py")
 
 EXPERIMENT = "alexnet8-cifar10"
 MODEL = "alexnet8-cifar10"
-EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 TINY = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 16}
 QUEUED = 4  # experiments in the queue, run two at a time
 
@@ -197,7 +198,7 @@ def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
     run_id = run.info.run_id
     assert run.info.status == "FINISHED", run.info
     for metric in EPOCH_METRICS:
-        assert [point.step for point in client.get_metric_history(run_id, metric)] == list(range(epochs)), metric
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == list(range(1, epochs + 1)), metric
     assert {artifact.path for artifact in client.list_artifacts(run_id, "figures")} == {
         "figures/training_curves.png",
         "figures/confusion_matrix.png",
@@ -513,7 +514,7 @@ def _wait_for_epoch_logged(stack: Stack, project: Path, process: subprocess.Pope
         records = list((project / "checkpoints").glob("*/mlflow_run.json"))
         if records:
             run_id = json.loads(records[0].read_text())["run_id"]
-            if epoch in {point.step for point in client.get_metric_history(run_id, "loss")}:
+            if epoch in {point.step for point in client.get_metric_history(run_id, "train/loss")}:
                 return run_id
         time.sleep(0.2)
 
@@ -529,7 +530,7 @@ def test_mlflow_server_killed_during_an_epoch_and_restarted(stack, faulty, tmp_p
     run holds every epoch once."""
     log = tmp_path / "repro.log"
     process = _start_repro(faulty, stack.environment(), log)
-    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.crash("mlflow")
     time.sleep(3)
     make("stack-up", stack.project)
@@ -543,7 +544,7 @@ def test_mlflow_server_killed_during_an_epoch_and_restarted(stack, faulty, tmp_p
 def test_postgres_restarted_during_an_epoch(stack, faulty, tmp_path):
     log = tmp_path / "repro.log"
     process = _start_repro(faulty, stack.environment(), log)
-    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.restart("postgres")
     returncode, output = _finish(process, log)
     assert returncode == 0, output
@@ -565,7 +566,7 @@ def test_postgres_down_at_the_end_of_training_is_waited_for(stack, faulty, tmp_p
     does not answer, waits for it at the end of training, then logs everything into the same run."""
     log = tmp_path / "repro.log"
     process = _start_repro(faulty, stack.environment(), log)
-    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.crash("postgres")
     _wait_for_output(process, log, r"does not answer \(HTTP 503 .* reads its database\): waiting up to 30 s for it")
     make("stack-up", stack.project)
@@ -583,7 +584,7 @@ def test_object_store_down_when_the_model_is_logged_then_the_rerun_logs_it(stack
     log = tmp_path / "repro.log"
     impatient = stack.environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     process = _start_repro(faulty, impatient, log)
-    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=0)
+    run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.crash("seaweedfs")
     returncode, output = _finish(process, log)
     assert returncode != 0, output

@@ -15,8 +15,10 @@ from helpers import write_params
 from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
+from alexnet8.metric_names import EPOCH_METRICS
 from alexnet8.plot import main as plot_main
 from alexnet8.runtime import cpu_features, xla_choice
+from alexnet8.tracking import RUNS_VIEW_TAG, runs_page_url
 from alexnet8.train import main as train_main
 
 SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
@@ -96,14 +98,14 @@ def test_stages_write_their_files(pipeline_outputs):
     paths, _ = pipeline_outputs
     with open(paths["history"]) as stream:
         rows = list(csv.DictReader(stream))
-    assert [row["epoch"] for row in rows] == ["0", "1"]
-    assert set(rows[0]) == {"epoch", "accuracy", "loss", "val_accuracy", "val_loss"}
+    assert [row["epoch"] for row in rows] == ["1", "2"]  # epochs are numbered from 1
+    assert list(rows[0]) == ["epoch", *EPOCH_METRICS]
     test_metrics = json.loads(paths["test_metrics"].read_text())
     assert test_metrics.keys() == {"test", "val_served"} and test_metrics["test"].keys() == test_metrics[
         "val_served"
     ].keys() == {"accuracy", "loss"}
     # Without test-time augmentation, evaluate's validation accuracy is the last epoch's.
-    assert test_metrics["val_served"]["accuracy"] == pytest.approx(float(rows[-1]["val_accuracy"]), abs=1e-6)
+    assert test_metrics["val_served"]["accuracy"] == pytest.approx(float(rows[-1]["val/accuracy"]), abs=1e-6)
     with open(paths["predictions"]) as stream:
         assert len(list(csv.DictReader(stream))) == 40
     for figure in ("curves", "confusion"):
@@ -126,8 +128,8 @@ def test_the_training_run_has_its_params_per_epoch_metrics_figures_and_provenanc
         expected_xla
     )
     assert run.data.tags["data.archive_md5"] == json.loads((prepared_dir / "dataset.json").read_text())["archive_md5"]
-    for metric in ("accuracy", "loss", "val_accuracy", "val_loss"):
-        assert [point.step for point in client.get_metric_history(run_id, metric)] == [0, 1], metric
+    for metric in EPOCH_METRICS:
+        assert [point.step for point in client.get_metric_history(run_id, metric)] == [1, 2], metric
     assert not [name for name in run.data.params if name.startswith("evaluate.")]  # the evaluation's own
     assert not any(name.startswith(("test_", "validation_")) for name in run.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "figures")}
@@ -221,3 +223,23 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
                 str(tmp_path / "s.json"),
             ]
         )
+
+
+def test_the_ui_address_opens_the_runs_table_with_columns_the_runs_fill(pipeline_outputs):
+    """`make ui`'s address: model-training mode, and a view whose every column is a metric or param
+    that the training run or its evaluation holds (a misspelt column would show empty)."""
+    paths, tracking_uri = pipeline_outputs
+    client = mlflow.MlflowClient(tracking_uri)
+    training = client.get_run(json.loads(paths["run_file"].read_text())["run_id"])
+    evaluation = client.get_run(json.loads(paths["served_model"].read_text())["run_id"])
+    experiment = client.get_experiment(training.info.experiment_id)
+    view = json.loads(experiment.tags[RUNS_VIEW_TAG])
+    logged = {f"metrics.`{name}`" for run in (training, evaluation) for name in run.data.metrics}
+    logged |= {f"params.`{name}`" for run in (training, evaluation) for name in run.data.params}
+    assert set(view["selectedColumns"]) <= logged, set(view["selectedColumns"]) - logged
+    mlflow.set_tracking_uri(tracking_uri)
+    url = runs_page_url("http://127.0.0.1:5000", experiment.name)
+    assert url == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs"
+        "?workflowType=machine_learning&viewStateShareKey=alexnet8-runs"
+    )

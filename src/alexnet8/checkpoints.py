@@ -40,7 +40,9 @@ import numpy as np
 
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path
+from alexnet8.metric_names import epoch_metrics
 from alexnet8.params import Params
+from alexnet8.reports import append_history_row
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +282,20 @@ def disk_space_explained(checkpoint_dir: str | Path) -> Iterator[None]:
         raise _disk_full(Path(checkpoint_dir), f"writing {error.filename or 'a file'} failed") from None
 
 
+class EpochHistory(keras.callbacks.Callback):
+    """Appends each epoch's metrics to the history CSV as it ends, numbered from 1 and named as
+    metric_names says (Keras' CSVLogger numbers from 0 and keeps Keras' names)."""
+
+    def __init__(self, history_path: Path):
+        super().__init__()
+        self.history_path = history_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        append_history_row(self.history_path, epoch + 1, epoch_metrics(logs or {}))
+
+
 class EpochCheckpoint(keras.callbacks.Callback):
-    """Saves the set of each epoch as it ends (save_epoch). It comes after CSVLogger, whose row
+    """Saves the set of each epoch as it ends (save_epoch). It comes after EpochHistory, whose row
     for the epoch the set's history must hold, and before anything that reports the epoch done."""
 
     def __init__(self, checkpoint_dir: str | Path, history_path: Path):

@@ -13,6 +13,7 @@ from typing import TextIO
 import keras
 from tqdm import tqdm
 
+from alexnet8.metric_names import epoch_metrics
 from alexnet8.progress import (
     TenthsLogger,
     bar_width_options,
@@ -33,7 +34,7 @@ class EpochProgress(keras.callbacks.Callback):
     On a terminal, a tqdm bar per epoch: steps, images/s, time left, running loss and accuracy.
     Otherwise a log line about every 10% of the epoch: `epoch k/n: s/S steps (p%), r images/s,
     elapsed, ETA`. Both end each epoch with the same log line: seconds of training and of
-    validation, images/s, and the epoch's metrics (loss, accuracy, val_loss, val_accuracy).
+    validation, images/s, and the epoch's metrics (train/loss, train/accuracy, val/loss, val/accuracy).
 
     `steps_per_epoch` and `batch_size` are what fit is given (fit only knows the steps of an
     endless dataset when told them). Epochs are numbered from the index fit passes to
@@ -106,9 +107,7 @@ class EpochProgress(keras.callbacks.Callback):
             elapsed = time.monotonic() - self._started
             images_per_second = self._steps_done * self.batch_size / elapsed if elapsed > 0 else 0.0
             logs = logs or {}
-            metrics = "".join(
-                f", {name} {logs[name]:.4f}" for name in ("loss", "accuracy") if isinstance(logs.get(name), float)
-            )
+            metrics = "".join(f", {name} {value:.4f}" for name, value in in_reading_order(epoch_metrics(logs)).items())
             self._training_postfix = f"{images_per_second:.1f} images/s{metrics}"
             self._bar.set_postfix_str(self._training_postfix, refresh=False)
             self._bar.update(self._steps_done - self._bar.n)
@@ -134,9 +133,7 @@ class EpochProgress(keras.callbacks.Callback):
         images_per_second = self._steps_done * self.batch_size / training_seconds if training_seconds > 0 else 0.0
         validation = f", validation {ended - training_end:.0f} s" if self._validation_started else ""
         metrics = ", ".join(
-            f"{name} {value:.4f}"
-            for name, value in in_reading_order(logs or {}).items()
-            if isinstance(value, (int, float))
+            f"{name} {value:.4f}" for name, value in in_reading_order(epoch_metrics(logs or {})).items()
         )
         logger.info(
             "%s done in %.0f s (training %.0f s at %.1f images/s%s): %s",

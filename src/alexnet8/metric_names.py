@@ -32,8 +32,9 @@ FIRST_EPOCH = 1
 
 
 def epoch_metrics(keras_logs: Mapping[str, float]) -> dict[str, float]:
-    """An epoch's Keras logs under the pipeline's names (the learning rate and other extras dropped)."""
-    return {FROM_KERAS[key]: float(value) for key, value in keras_logs.items() if key in FROM_KERAS}
+    """An epoch's Keras logs under the pipeline's names, in EPOCH_METRICS' order (the learning
+    rate and other extras dropped)."""
+    return {name: float(keras_logs[key]) for key, name in FROM_KERAS.items() if key in keras_logs}
 
 
 def nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:

@@ -16,6 +16,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from alexnet8.metric_names import FIRST_EPOCH, epoch_metrics
 from alexnet8.reports import history_rows
 from alexnet8.tracking import failure_reason, wait_for_tracking_server
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 class EpochMetricsToMlflow(keras.callbacks.Callback):
-    """Logs each epoch's metrics once, as step = epoch, without ever holding training up.
+    """Logs each epoch's metrics once, as step = the epoch's number (from 1), without ever holding training up.
 
     A background thread sends each epoch's metrics after its checkpoint is saved (this callback
     comes last). When the tracking server does not answer, training goes on at full speed: the
@@ -47,7 +48,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
         self._summary: str | None = "\n".join(lines) + "\n"
         # The epochs an interrupted run finished but may not have logged: sent first, if missing.
         history = history_rows(self.history_path) if self.history_path.exists() else []
-        self._unsent: dict[int, dict[str, float]] = dict(enumerate(history))
+        self._unsent: dict[int, dict[str, float]] = dict(enumerate(history, start=FIRST_EPOCH))
         self._timestamps: dict[int, int] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()  # an epoch ended
@@ -59,9 +60,10 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
         self._wake.set()
 
     def on_epoch_end(self, epoch, logs=None):
+        number = epoch + 1  # Keras counts from 0; users see epochs from 1 (metric_names)
         with self._lock:
-            self._unsent[epoch] = {name: float(value) for name, value in (logs or {}).items()}
-            self._timestamps[epoch] = int(time.time() * 1000)  # when the epoch ended, not when it is sent
+            self._unsent[number] = epoch_metrics(logs or {})
+            self._timestamps[number] = int(time.time() * 1000)  # when the epoch ended, not when it is sent
         self._wake.set()
 
     def on_train_end(self, logs=None):
@@ -113,7 +115,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
                     "kept and sent when it answers again",
                     mlflow.get_tracking_uri(),
                     failure_reason(error),
-                    ", ".join(str(epoch + 1) for epoch in sorted(self._unsent)) or "(none yet)",
+                    ", ".join(str(epoch) for epoch in sorted(self._unsent)) or "(none yet)",
                 )
             return
         if self._server_away:
@@ -121,12 +123,12 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
             logger.info(
                 "MLflow at %s answers again: sent the metrics of epoch(s) %s",
                 mlflow.get_tracking_uri(),
-                ", ".join(str(epoch + 1) for epoch in sent) or "(none missing)",
+                ", ".join(str(epoch) for epoch in sent) or "(none missing)",
             )
 
 
 def _logged_epochs(client: mlflow.MlflowClient, run_id: str) -> set[int]:
-    return {point.step for point in client.get_metric_history(run_id, "loss")}
+    return {point.step for point in client.get_metric_history(run_id, "train/loss")}
 
 
 def _log_epoch(
@@ -150,6 +152,6 @@ def log_missing_epochs(history_path: str | Path) -> None:
     client = mlflow.MlflowClient()
     run_id = mlflow.active_run().info.run_id
     logged = _logged_epochs(client, run_id)
-    for epoch, row in enumerate(history_rows(history_path)):
+    for epoch, row in enumerate(history_rows(history_path), start=FIRST_EPOCH):
         if epoch not in logged:
             _log_epoch(client, run_id, epoch, row)

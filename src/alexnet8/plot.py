@@ -21,6 +21,7 @@ from alexnet8 import cli
 from alexnet8.dataset import load_description
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_path
+from alexnet8.metric_names import FIRST_EPOCH
 from alexnet8.reports import history_columns, predictions
 from alexnet8.tracking import reopen_pipeline_run
 
@@ -46,13 +47,13 @@ def confusion_matrix(pairs: Sequence[tuple[str, str]], class_names: Sequence[str
 
 def curves_figure(history: dict[str, np.ndarray]) -> Figure:
     """Accuracy (left) and loss (right), training and validation, per epoch: the original's figure."""
-    epochs = np.arange(1, len(history["loss"]) + 1)
+    epochs = np.arange(FIRST_EPOCH, len(history["train/loss"]) + FIRST_EPOCH)
     # A Figure of its own, not pyplot's: no global state, no display backend (servers, CI).
     figure = Figure(figsize=(11, 4.2))
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     for axes, metric, title in ((accuracy_axes, "accuracy", "Accuracy"), (loss_axes, "loss", "Loss")):
-        axes.plot(epochs, history[metric], marker="o", label=f"Training {title}")
-        axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"Validation {title}")
+        axes.plot(epochs, history[f"train/{metric}"], marker="o", label=f"Training {title} (train/{metric})")
+        axes.plot(epochs, history[f"val/{metric}"], marker="o", label=f"Validation {title} (val/{metric})")
         axes.set_title(f"Training and Validation {title}")
         axes.set_xlabel("epoch")
         axes.set_xticks(epochs)

@@ -78,14 +78,9 @@ def format_duration(seconds: float) -> str:
 
 
 def in_reading_order(metrics: dict[str, object]) -> dict[str, object]:
-    """`metrics` with loss first, then the other training metrics, then the same for validation (`val_`).
-
-    Keras hands callbacks its logs sorted by name, which puts accuracy before loss and val_accuracy
-    before val_loss; the loss is what one looks at first.
-    """
-    return dict(
-        sorted(metrics.items(), key=lambda item: (item[0].startswith("val_"), item[0].removeprefix("val_") != "loss"))
-    )
+    """`metrics` (named `<group>/<measure>`) with training first, the loss before the other
+    measures of each group: the loss is what one looks at first."""
+    return dict(sorted(metrics.items(), key=lambda item: (item[0].startswith("val"), not item[0].endswith("/loss"))))
 
 
 class TenthsLogger:

@@ -1,6 +1,6 @@
 """The report files the stages hand to each other and to DVC: the training history (CSV, one row
-per epoch, as Keras' CSVLogger writes it) and the test predictions (CSV, actual and predicted
-class of every test image).
+per epoch: `epoch` from 1, then each metric under its name in metric_names) and the test
+predictions (CSV, actual and predicted class of every test image).
 
 Reads and writes only the paths its callers give.
 """
@@ -8,6 +8,7 @@ Reads and writes only the paths its callers give.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_path
+from alexnet8.metric_names import EPOCH_COLUMN
 
 
 def _csv_rows(path: str | Path, written_by: str) -> list[dict[str, str]]:
@@ -27,7 +29,23 @@ def _csv_rows(path: str | Path, written_by: str) -> list[dict[str, str]]:
 
 def history_rows(path: str | Path) -> list[dict[str, float]]:
     """The training history as one {metric: value} per epoch, in order (no `epoch` column)."""
-    return [{name: float(value) for name, value in row.items() if name != "epoch"} for row in _csv_rows(path, "train")]
+    return [
+        {name: float(value) for name, value in row.items() if name != EPOCH_COLUMN} for row in _csv_rows(path, "train")
+    ]
+
+
+def append_history_row(path: str | Path, epoch: int, metrics: dict[str, float]) -> None:
+    """Add epoch `epoch`'s row (numbered from 1) to the history CSV, with its header if it is new.
+    The row is flushed and fsynced: the epoch's checkpoint set, written next, copies the file."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        if new:
+            writer.writerow([EPOCH_COLUMN, *metrics])
+        writer.writerow([epoch, *(repr(value) for value in metrics.values())])
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def history_columns(path: str | Path) -> dict[str, list[float]]:

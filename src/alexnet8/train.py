@@ -33,6 +33,7 @@ from alexnet8.checkpoints import (
     HISTORY_FILE,
     RUN_RECORD_FILE,
     EpochCheckpoint,
+    EpochHistory,
     SavedEpoch,
     checkpoint_dir_for,
     disk_space_explained,
@@ -46,6 +47,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
+from alexnet8.metric_names import nested
 from alexnet8.model import initialize_conv1_whitening, portable_model
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
@@ -147,7 +149,7 @@ def train_model(
                     # The epoch's history row is written before its checkpoint set, which holds it
                     # and marks the epoch done (the chief's); MLflow is told after it (see
                     # EpochMetricsToMlflow).
-                    keras.callbacks.CSVLogger(str(history_path), append=True),
+                    EpochHistory(history_path),
                     *([EpochCheckpoint(checkpoint_dir, history_path)] if chief else []),
                     *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
                     *callbacks,
@@ -155,7 +157,7 @@ def train_model(
                 verbose=0,  # EpochProgress reports instead
             )
         history = history_columns(history_path)
-        losses = history.get("loss", [])
+        losses = history.get("train/loss", [])
         if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
             if chief:
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
@@ -245,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("saved %s", arguments.model)
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
-        write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
+        write_json(arguments.metrics, nested({name: values[-1] for name, values in history.items()}))
         try:
             log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
         except MlflowException as error:  # the server is down
