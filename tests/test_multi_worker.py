@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import tensorflow as tf
 from helpers import PROJECT_ROOT, load_script, write_params
 
 from alexnet8 import workers
+from alexnet8.checkpoints import save_epoch
 from alexnet8.dataset import load_split
 from alexnet8.errors import PipelineError
 from alexnet8.input_pipeline import augment, make_dataset
@@ -82,7 +84,11 @@ def test_the_global_batch_must_split_evenly_over_the_workers():
 
 
 def test_a_peer_failure_says_what_happened_and_from_which_epoch_to_resume(tmp_path):
-    (tmp_path / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    model.optimizer.build(model.trainable_variables)
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.5\n")
+    save_epoch(tmp_path, 2, model, tmp_path / "history.csv")  # the chief's set of epoch 2
     message = (
         "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/task:1/device:CPU:0}} "
         "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information"
