@@ -75,7 +75,8 @@ def test_without_a_terminal_an_epoch_logs_ten_progress_lines_then_one_line_with_
         assert len(ends) == 1, messages
         # verbose=2's metrics, in its order.
         assert re.fullmatch(
-            r"train/loss [\d.]+, train/accuracy [\d.]+, val/loss [\d.]+, val/accuracy [\d.]+", ends[0]["metrics"]
+            r"train/loss [\d.]+, train/accuracy [\d.]+, val/loss [\d.]+, val/accuracy [\d.]+(; run ETA [\d:]+)?",
+            ends[0]["metrics"],
         )
     # The epoch's line comes after its progress lines.
     assert EPOCH_LINE.match(messages[10]) and EPOCH_LINE.match(messages[-1])
@@ -90,7 +91,8 @@ def test_on_a_terminal_each_epoch_is_a_tqdm_bar_and_only_the_metrics_are_logged(
     assert "epoch 1/2" in drawn and "epoch 2/2" in drawn
     # Each bar ends showing the whole epoch's training, not the "validating" note it showed meanwhile.
     final_bars = re.findall(
-        r"epoch \d/2: 100%\|[^|]*\| 20/20 steps \[[\d:]+<[\d:]+, [\d.]+ images/s, loss [\d.]+, accuracy [\d.]+\] *\n",
+        r"epoch \d/2: 100%\|[^|]*\| 20/20 steps \[[\d:]+<[\d:]+, [\d.]+ images/s, train/loss [\d.]+, "
+        r"run ETA [\d:]+\] *\n",
         drawn,
     )
     assert len(final_bars) == 2, drawn
@@ -178,3 +180,22 @@ def test_a_terminal_that_reports_no_size_still_gets_a_visible_bar():
             drawn += screen.read(65536)
         drawn = drawn.decode()
     assert re.search(r"reading batch files: 100%\|█+\| 6/6 files", drawn), drawn
+
+
+class NarrowTerminal(FakeTerminal):
+    """A terminal with a file descriptor, whose size the test sets to 80 columns."""
+
+    def fileno(self):
+        return 1
+
+
+def test_at_80_columns_the_bar_stays_readable_and_shows_the_whole_runs_eta(monkeypatch):
+    monkeypatch.setattr("alexnet8.progress.os.get_terminal_size", lambda fd: os.terminal_size((80, 24)))
+    monkeypatch.setenv("COLUMNS", "80")
+    terminal = NarrowTerminal()
+    fit_tiny([EpochProgress(STEPS, BATCH, stream=terminal)], epochs=2)
+    frames = [frame for frame in re.split(r"[\r\n]", terminal.getvalue()) if "epoch 1/2" in frame]
+    last = frames[-1].rstrip()
+    assert len(last) <= 80 and "run ETA" in last, frames
+    bar = re.search(r"\|([^|]*)\|", last)[1]
+    assert len(bar) >= 10, last  # the bar itself, not squeezed to a character

@@ -17,15 +17,21 @@ from alexnet8.metric_names import epoch_metrics
 from alexnet8.progress import (
     TenthsLogger,
     bar_width_options,
+    format_duration,
     in_reading_order,
     is_terminal,
     logging_stream,
+    terminal_columns,
 )
 
 logger = logging.getLogger("alexnet8.progress")
 
-# The epoch bar's rate is in images, computed by the callback and shown as its postfix.
+# The epoch bar's rate is in images, computed by the callback and shown as its postfix with the
+# running training loss and the whole run's ETA. Under NARROW_COLUMNS the bar drops its unit and
+# the loss, so that at 80 columns the bar itself keeps a dozen characters.
 _EPOCH_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}{postfix}]"
+_NARROW_BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+NARROW_COLUMNS = 110
 
 
 class EpochProgress(keras.callbacks.Callback):
@@ -74,8 +80,26 @@ class EpochProgress(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self._bar_mode = self._use_bar()
 
+    def _run_eta(self, now: float) -> str:
+        """The time left in the whole run: this epoch's steps at its rate so far, then each later
+        epoch as long as the finished ones took (or this epoch's rate, during the first)."""
+        epochs = self.params.get("epochs") if self.params else None
+        if not epochs or not self._steps_done:
+            return ""
+        seconds_per_step = (now - self._started) / self._steps_done
+        per_epoch = (
+            sum(self._epoch_seconds) / len(self._epoch_seconds)
+            if self._epoch_seconds
+            else seconds_per_step * self.steps_per_epoch
+        )
+        left = seconds_per_step * (self.steps_per_epoch - self._steps_done) + per_epoch * (epochs - self._epoch - 1)
+        return f"run ETA {format_duration(left)}"
+
     def on_epoch_begin(self, epoch, logs=None):
         self._close_bar()
+        self._epoch = epoch
+        if not hasattr(self, "_epoch_seconds"):
+            self._epoch_seconds: list[float] = []
         self._in_epoch = True
         self._steps_done = 0
         self._training_postfix = ""
@@ -84,12 +108,13 @@ class EpochProgress(keras.callbacks.Callback):
         self._started = time.monotonic()
         if self._bar_mode:
             stream = logging_stream() if self.stream is None else self.stream
+            self._narrow = 0 < terminal_columns(stream) < NARROW_COLUMNS
             self._bar = tqdm(
                 total=self.steps_per_epoch,
                 desc=label,
                 unit=" steps",
                 file=stream,
-                bar_format=_EPOCH_BAR_FORMAT,
+                bar_format=_NARROW_BAR_FORMAT if self._narrow else _EPOCH_BAR_FORMAT,
                 smoothing=0,
                 **bar_width_options(stream),
             )
@@ -104,11 +129,16 @@ class EpochProgress(keras.callbacks.Callback):
         if self._reporter is not None:
             self._reporter.update_to(self._steps_done)
         elif self._bar is not None:
-            elapsed = time.monotonic() - self._started
+            now = time.monotonic()
+            elapsed = now - self._started
             images_per_second = self._steps_done * self.batch_size / elapsed if elapsed > 0 else 0.0
-            logs = logs or {}
-            metrics = "".join(f", {name} {value:.4f}" for name, value in in_reading_order(epoch_metrics(logs)).items())
-            self._training_postfix = f"{images_per_second:.1f} images/s{metrics}"
+            loss = epoch_metrics(logs or {}).get("train/loss")
+            parts = [f"{images_per_second:.0f} img/s" if self._narrow else f"{images_per_second:.1f} images/s"]
+            if loss is not None and not self._narrow:
+                parts.append(f"train/loss {loss:.4f}")
+            if eta := self._run_eta(now):
+                parts.append(eta)
+            self._training_postfix = ", ".join(parts)
             self._bar.set_postfix_str(self._training_postfix, refresh=False)
             self._bar.update(self._steps_done - self._bar.n)
 
@@ -132,17 +162,19 @@ class EpochProgress(keras.callbacks.Callback):
         training_seconds = training_end - self._started
         images_per_second = self._steps_done * self.batch_size / training_seconds if training_seconds > 0 else 0.0
         validation = f", validation {ended - training_end:.0f} s" if self._validation_started else ""
-        metrics = ", ".join(
-            f"{name} {value:.4f}" for name, value in in_reading_order(epoch_metrics(logs or {})).items()
-        )
+        named = in_reading_order(epoch_metrics(logs or {}))
+        metrics = ", ".join(f"{name} {value:.4f}" for name, value in named.items())
+        self._epoch_seconds.append(ended - self._started)
+        eta = self._run_eta(ended)
         logger.info(
-            "%s done in %.0f s (training %.0f s at %.1f images/s%s): %s",
+            "%s done in %.0f s (training %.0f s at %.1f images/s%s): %s%s",
             self._label(epoch),
             ended - self._started,
             training_seconds,
             images_per_second,
             validation,
             metrics or "no metrics",
+            f"; {eta}" if eta and epoch + 1 < (self.params or {}).get("epochs", 0) else "",
         )
 
     def on_train_end(self, logs=None):

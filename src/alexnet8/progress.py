@@ -59,17 +59,21 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
+def terminal_columns(stream: TextIO) -> int:
+    """The width of the terminal behind `stream`, or 0 when it reports none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is an OSError)
+        return 0
+
+
 def bar_width_options(stream: TextIO) -> dict[str, object]:
     """tqdm's size arguments for `stream`: follow the terminal's width, or 120 columns when it reports none.
 
     A pseudo-terminal without a size (`script` run by CI, some container runtimes) reports 0 x 0,
     which tqdm would take literally and draw nothing; given both sizes, it does not ask.
     """
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):  # no file descriptor (io.UnsupportedOperation is an OSError)
-        columns = 0
-    return {"dynamic_ncols": True} if columns > 0 else {"ncols": 120, "nrows": 24}
+    return {"dynamic_ncols": True} if terminal_columns(stream) > 0 else {"ncols": 120, "nrows": 24}
 
 
 def format_duration(seconds: float) -> str:
