@@ -32,3 +32,9 @@ def test_auto_chooses_xla_by_cpu_features(features, has_gpu, expected):
 def test_an_explicit_setting_is_kept_on_every_machine(setting):
     assert xla_choice(setting, AVX512, False) is setting
     assert xla_choice(setting, AVX2_ONLY, True) is setting
+
+
+def test_auto_is_no_xla_for_a_multi_worker_training_on_cpus():
+    """XLA has no collectives for CPU devices: MultiWorkerMirroredStrategy fails under it."""
+    assert xla_choice("auto", AVX2_ONLY, has_gpu=False, multi_worker=True) is False
+    assert xla_choice("auto", AVX2_ONLY, has_gpu=True, multi_worker=True) == "auto"

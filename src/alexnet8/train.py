@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     validation_split = load_split(arguments.data, "validation")
     if worker is not None:
         check_last_batch(len(train_split.labels), params.train.batch_size, worker.cluster.workers)
-    train_params = configure_runtime(params.train)  # `jit_compile: auto` resolved for this machine
+    train_params = configure_runtime(params.train, multi_worker=worker is not None)  # `jit_compile: auto` resolved
     if not chief:
         # Trains its share of each batch in step with the chief, which alone logs and writes.
         train_model(
