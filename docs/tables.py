@@ -32,13 +32,12 @@ A run's JSON holds:
                       (not `seed` or `fetch.*`); the run's params are params.yaml + recipe + set + seed
     epochs            `train.epochs`
     history           the history CSV's file name in docs/results/, or null if it was not kept
-    validation_accuracy
-                      only without a history: per-epoch validation accuracy, null where unknown
+    val/accuracy      only without a history: per-epoch validation accuracy, null where unknown
     epoch_seconds     train-stage wall time of each epoch run (the first includes building the model),
                       or null
     timing            what else ran on the machine meanwhile, or null
     pipeline_seconds  wall time of the whole `dvc repro` / `dvc exp run`, or null
-    test_accuracy, test_loss
+    test/accuracy, test/loss
                       from the evaluate stage, or null (not evaluated, or not recorded)
     commit            optional: the project's commit the run ran (7 to 40 hex digits); without it the
                       tables say "earlier code" and the run's date
@@ -50,10 +49,10 @@ A run's JSON holds:
                       other_seconds, peak_rss_mb, validation_accuracy (its last), note
     knob              optional: what the run tried against the run it is based_on (same seed), for the
                       search table
-    evaluated_validation_accuracy
-                      optional: validation accuracy of the saved model as the evaluate stage measured
+    val_served/accuracy
+                      optional: validation accuracy of the served model as the evaluate stage measured
                       it, with the run's test-time augmentation (reports/test_metrics.json's
-                      validation.accuracy)
+                      val_served.accuracy)
 
 Exit status: 0 done (or up to date), 1 out of date (with --check), 2 a missing or malformed file.
 """
@@ -85,16 +84,16 @@ REQUIRED = {
     **dict.fromkeys(["run", "date", "machine", "archive_md5", "recipe"], str),
     **dict.fromkeys(["based_on", "history", "timing"], (str, NULL)),
     **dict.fromkeys(["seed", "epochs"], int),
-    **dict.fromkeys(["test_accuracy", "test_loss"], (float, NULL)),
+    **dict.fromkeys(["test/accuracy", "test/loss"], (float, NULL)),
     "epoch_seconds": (list, NULL),
     "pipeline_seconds": (int, float, NULL),
 }
-HISTORY_COLUMNS = ("epoch", "accuracy", "loss", "val_accuracy", "val_loss")
+HISTORY_COLUMNS = ("epoch", "train/accuracy", "train/loss", "val/accuracy", "val/loss")  # as the train stage writes it
 ORIGINAL_SCRIPT = {
     "command": str,
     **dict.fromkeys(["seconds", "training_seconds", "validation_seconds", "other_seconds", "peak_rss_mb"], int),
     "images_per_second": float,
-    "validation_accuracy": float,
+    "val/accuracy": float,
     "note": str,
 }
 # The archives the runs used, by md5: what the tables call them.
@@ -129,8 +128,8 @@ class Run:
     @property
     def validation_accuracy(self) -> list[float | None]:
         if self.history is not None:
-            return [row["val_accuracy"] for row in self.history]
-        return self.record["validation_accuracy"]
+            return [row["val/accuracy"] for row in self.history]
+        return self.record["val/accuracy"]
 
     @property
     def epochs_run(self) -> int:
@@ -201,8 +200,8 @@ def read_run(path: Path, recipes: Path) -> Run:
             raise ResultsError(f"{path}: field {field!r} has the wrong type ({type(value).__name__})")
     if "knob" in record and not (isinstance(record["knob"], str) and record["based_on"]):
         raise ResultsError(f"{path}: 'knob' must be a string, and the run based_on the run it is compared with")
-    if not unknown_or_fraction(record.get("evaluated_validation_accuracy")):
-        raise ResultsError(f"{path}: 'evaluated_validation_accuracy' must be a fraction or null")
+    if not unknown_or_fraction(record.get("val_served/accuracy")):
+        raise ResultsError(f"{path}: 'val_served/accuracy' must be a fraction or null")
     if "commit" in record and not (
         isinstance(record["commit"], str) and re.fullmatch(r"[0-9a-f]{7,40}", record["commit"])
     ):
@@ -212,13 +211,13 @@ def read_run(path: Path, recipes: Path) -> Run:
         raise ResultsError(f"{path}: field 'run' is {record['run']!r}, expected the file's name {path.stem!r}")
     history = None
     if record["history"] is not None:
-        if "validation_accuracy" in record:
-            raise ResultsError(f"{path}: give either 'history' or 'validation_accuracy', not both")
+        if "val/accuracy" in record:
+            raise ResultsError(f"{path}: give either 'history' or 'val/accuracy', not both")
         history = read_history(path.parent / record["history"])
     else:
-        values = record.get("validation_accuracy")
+        values = record.get("val/accuracy")
         if not (isinstance(values, list) and values and all(map(unknown_or_fraction, values))):
-            raise ResultsError(f"{path}: no 'history', so 'validation_accuracy' must list each epoch's value (or null)")
+            raise ResultsError(f"{path}: no 'history', so 'val/accuracy' must list each epoch's value (or null)")
     run = Run(record, read_recipe(path, record, recipes), history)
     seconds = record["epoch_seconds"]
     if seconds is not None and len(seconds) != run.epochs_run:
@@ -346,7 +345,7 @@ def seed_groups(runs: dict[str, Run]) -> dict[tuple, dict[int, Run]]:
     rerun of the same seed counts once)."""
     groups: dict[tuple, dict[int, Run]] = {}
     for run in sorted(runs.values(), key=lambda run: run.name):
-        if run.record["test_accuracy"] is None or run.epochs_run != run.record["epochs"]:
+        if run.record["test/accuracy"] is None or run.epochs_run != run.record["epochs"]:
             continue
         key = (run.record["recipe"], tuple(sorted(run.record.get("set", {}).items())))
         groups.setdefault(key, {}).setdefault(run.record["seed"], run)
@@ -372,7 +371,7 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
     """Every run: the original recipe's (newest first), then finished runs by test accuracy, then stopped ones."""
     others = sorted(
         (run for run in runs.values() if run.record["recipe"] != "original"),
-        key=lambda run: (run.record["test_accuracy"] is None, -(run.record["test_accuracy"] or 0), run.name),
+        key=lambda run: (run.record["test/accuracy"] is None, -(run.record["test/accuracy"] or 0), run.name),
     )
     rows = []
     for run in originals(runs) + others:
@@ -385,7 +384,7 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
             [
                 f"`{run.name}`",
                 fixed(run.validation_accuracy[-1]) + stopped,
-                "not evaluated" if run.record["test_accuracy"] is None else fixed(run.record["test_accuracy"]),
+                "not evaluated" if run.record["test/accuracy"] is None else fixed(run.record["test/accuracy"]),
                 seconds(run),
                 ran_on(run),
                 command(run, defaults),
@@ -402,7 +401,7 @@ def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
         raise ResultsError(f"{CURRENT_ORIGINAL}.json names no history")
     seconds = run.record["epoch_seconds"] or [None] * run.epochs_run
     rows = [
-        [str(int(row["epoch"]) + 1), *(fixed(row[column]) for column in HISTORY_COLUMNS[1:]), str(second)]
+        [str(int(row["epoch"])), *(fixed(row[column]) for column in HISTORY_COLUMNS[1:]), str(second)]
         for row, second in zip(run.history, seconds, strict=True)
     ]
     return table(["epoch", "train accuracy", "train loss", "validation accuracy", "validation loss", "seconds"], rows)
@@ -413,8 +412,8 @@ def original_runs_table(runs: dict[str, Run], defaults: dict) -> str:
         [
             ran_on(run),
             ", ".join(fixed(value) for value in run.validation_accuracy),
-            fixed(run.record["test_accuracy"]),
-            fixed(run.record["test_loss"]),
+            fixed(run.record["test/accuracy"]),
+            fixed(run.record["test/loss"]),
         ]
         for run in originals(runs)
     ]
@@ -432,10 +431,10 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
         run = need(runs, name)
         if run.record["epoch_seconds"] is None or not run.record.get("commit"):
             raise ResultsError(f"docs/results/{name}.json: the README table needs its epoch_seconds and commit")
-        test = fixed(run.record["test_accuracy"])
+        test = fixed(run.record["test/accuracy"])
         seeds = same_params(runs, run)
         if len(seeds) > 1:
-            spread = mean_and_spread([seed.record["test_accuracy"] for seed in seeds])
+            spread = mean_and_spread([seed.record["test/accuracy"] for seed in seeds])
             test += f" ({spread} over seeds {', '.join(str(seed.record['seed']) for seed in seeds)})"
         rows.append(
             [
@@ -465,7 +464,7 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
             f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
             f"`{base.name}`",
             str(run.record["seed"]),
-            fixed(run.record.get("evaluated_validation_accuracy")),
+            fixed(run.record.get("val_served/accuracy")),
         ]
         for delta, run, base in sorted(tried, key=lambda item: (-item[0], item[1].name))
     ]
@@ -494,12 +493,12 @@ def seeds_table(runs: dict[str, Run], defaults: dict) -> str:
         settings = " ".join(f"-S {key}={yaml_value(value)}" for key, value in extra)
         rows.append(
             (
-                -sum(run.record["test_accuracy"] for run in chosen) / len(chosen),
+                -sum(run.record["test/accuracy"] for run in chosen) / len(chosen),
                 [
                     f"`recipes/{recipe}.yaml`" + (f" with `{settings}`" if settings else ""),
                     ", ".join(map(str, seeds)),
                     mean_and_spread([run.validation_accuracy[-1] for run in chosen]),
-                    mean_and_spread([run.record["test_accuracy"] for run in chosen]),
+                    mean_and_spread([run.record["test/accuracy"] for run in chosen]),
                     ", ".join(f"`{run.name}` ({code(run)})" for run in chosen),
                 ],
             )
@@ -521,7 +520,7 @@ def original_script_table(runs: dict[str, Run], defaults: dict) -> str:
             f"{script['seconds']} s",
             f"{epochs} s",
             f"{script['peak_rss_mb']} MB",
-            f"validation (on the test set) {fixed(script['validation_accuracy'])}",
+            f"validation (on the test set) {fixed(script['val/accuracy'])}",
             f"not in this repository, {run.record['date']}; {data(run)}; {run.record['machine']}",
         ],
         [
@@ -530,7 +529,7 @@ def original_script_table(runs: dict[str, Run], defaults: dict) -> str:
             f"{run.record['pipeline_seconds']} s ({ratio(run.record['pipeline_seconds'], script['seconds'])})",
             f"{sum(run.record['epoch_seconds'])} s ({ratio(sum(run.record['epoch_seconds']), epochs)})",
             "-" if pipeline_rss is None else f"{pipeline_rss} MB ({ratio(pipeline_rss, script['peak_rss_mb'])})",
-            f"test {fixed(run.record['test_accuracy'])}",
+            f"test {fixed(run.record['test/accuracy'])}",
             ran_on(run),
         ],
     ]
@@ -542,7 +541,7 @@ def time_to_accuracy_table(runs: dict[str, Run], defaults: dict) -> str:
     """When each run of the original and the recommended recipe first validates at the original
     recipe's test accuracy, against the original script's time for 5 epochs."""
     original, script = original_script(runs)
-    target = original.record["test_accuracy"]
+    target = original.record["test/accuracy"]
     chosen = [original, *(run for run in same_params(runs, need(runs, RECOMMENDED)) if run.record["epoch_seconds"])]
     rows = []
     for run in chosen:

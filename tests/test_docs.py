@@ -164,8 +164,8 @@ def _edit_json(path, drop=(), **changes):
     [
         (lambda results: (results / "recipe-sgd.json").write_text("{not json"), "recipe-sgd.json: not valid JSON"),
         (
-            lambda results: _edit_json(results / "recipe-sgd.json", drop=["test_accuracy"]),
-            "recipe-sgd.json: missing field 'test_accuracy'",
+            lambda results: _edit_json(results / "recipe-sgd.json", drop=["test/accuracy"]),
+            "recipe-sgd.json: missing field 'test/accuracy'",
         ),
         (
             lambda results: _edit_json(results / "recipe-sgd.json", seed="42"),
@@ -184,8 +184,8 @@ def _edit_json(path, drop=(), **changes):
         (lambda results: _edit_json(results / "recipe-sgd.json", epoch_seconds=[1, 2]), "2 epoch_seconds for 5 epochs"),
         (lambda results: (results / "recipe-lean_history.csv").unlink(), "recipe-lean_history.csv: not found"),
         (
-            lambda results: (results / "recipe-lean_history.csv").write_text("epoch,accuracy\n0,0.5\n"),
-            "missing column(s) loss, val_accuracy, val_loss",
+            lambda results: (results / "recipe-lean_history.csv").write_text("epoch,train/accuracy\n1,0.5\n"),
+            "missing column(s) train/loss, val/accuracy, val/loss",
         ),
         (
             lambda results: (results / "original-defaults-2026-11-30.json").unlink(),

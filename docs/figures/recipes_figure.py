@@ -49,10 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     figure = Figure(figsize=(11, 4.2))
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     for name, history in recipes:
-        epochs = np.arange(1, len(history["loss"]) + 1)
+        epochs = np.arange(1, len(history["train/loss"]) + 1)
         for axes, metric in ((accuracy_axes, "accuracy"), (loss_axes, "loss")):
-            (line,) = axes.plot(epochs, history[f"val_{metric}"], marker="o", label=f"{name} (validation)")
-            axes.plot(epochs, history[metric], linestyle="--", color=line.get_color(), alpha=0.6)
+            (line,) = axes.plot(epochs, history[f"val/{metric}"], marker="o", label=f"{name} (validation)")
+            axes.plot(epochs, history[f"train/{metric}"], linestyle="--", color=line.get_color(), alpha=0.6)
     for axes, title in ((accuracy_axes, "Accuracy"), (loss_axes, "Loss")):
         axes.set_title(f"{title} per epoch (solid: validation, dashed: training)")
         axes.set_xlabel("epoch")
