@@ -31,6 +31,7 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
     tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny training lasts seconds
         patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
         params = write_params(folder / "params.yaml", **SMALL)
         paths = {
@@ -131,6 +132,8 @@ def test_the_training_run_has_its_params_per_epoch_metrics_figures_and_provenanc
     for metric in EPOCH_METRICS:
         assert [point.step for point in client.get_metric_history(run_id, metric)] == [1, 2], metric
     assert not [name for name in run.data.params if name.startswith("evaluate.")]  # the evaluation's own
+    # MLflow's system metrics, sampled while training ran (its System metrics tab).
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     assert not any(name.startswith(("test_", "validation_")) for name in run.data.metrics)
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "figures")}
     assert artifacts == {"figures/curves.png", "figures/confusion.png"}

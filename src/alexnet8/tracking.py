@@ -305,19 +305,22 @@ def _recorded_run_id(path: Path) -> str | None:
 
 
 def _start_or_continue(experiment_name: str, run_name: str, interrupted_run_file: Path | None) -> mlflow.ActiveRun:
+    # MLflow's own system metrics (CPU, memory, disk, network; GPU where present), sampled by a
+    # thread of its own every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10): its *System
+    # metrics* tab. With the server away it warns once and stops sampling; training goes on.
     if os.environ.get("MLFLOW_RUN_ID"):
         # `mlflow run` made the run in its own experiment; setting ours would conflict with it.
-        return mlflow.start_run()
+        return mlflow.start_run(log_system_metrics=True)
     interrupted = _recorded_run_id(interrupted_run_file) if interrupted_run_file else None
     if interrupted:
         try:
-            run = mlflow.start_run(run_id=interrupted)
+            run = mlflow.start_run(run_id=interrupted, log_system_metrics=True)
             logger.info("continuing the interrupted MLflow run %s", interrupted)
             return run
         except MlflowException as error:
             logger.warning("cannot continue MLflow run %s (%s): starting a new one", interrupted, error.message)
     _set_experiment(experiment_name)
-    return mlflow.start_run(run_name=run_name)
+    return mlflow.start_run(run_name=run_name, log_system_metrics=True)
 
 
 @contextlib.contextmanager
