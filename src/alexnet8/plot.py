@@ -4,7 +4,7 @@ Reads: the training history `--history` (CSV), the test predictions `--predictio
 class names from `--data`, and the run file `--run-file`.
 Writes: `--curves` (training and validation accuracy beside training and validation loss, per
 epoch, as the original script draws them) and `--confusion` (counts, rows = actual class), and
-logs both into the training's MLflow run under `figures/`.
+logs both into the training's MLflow run (at its artifact root).
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         arguments.confusion,
     )
     with reopen_pipeline_run(arguments.run_file):
-        mlflow.log_artifact(arguments.curves, artifact_path="figures")
-        mlflow.log_artifact(arguments.confusion, artifact_path="figures")
+        # At the artifact root: MLflow's Compare page shows only the root's files side by side.
+        mlflow.log_artifact(arguments.curves)
+        mlflow.log_artifact(arguments.confusion)
 
 
 if __name__ == "__main__":
