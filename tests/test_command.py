@@ -65,11 +65,10 @@ def test_bad_params_are_reported_before_the_heavy_imports_and_nothing_is_written
     params, message = _bad_params(kind, tmp_path / "params.yaml")
     arguments = [stage, "--params", str(params), *_stage_arguments(stage, tmp_path)]
 
-    result, seconds = _run([sys.executable, "-m", "alexnet8", *arguments], tmp_path)
+    result, _ = _run([sys.executable, "-m", "alexnet8", *arguments], tmp_path)
     assert result.returncode == 1, result.stderr
     assert f"ERROR alexnet8: {message}" in result.stderr
     assert "Traceback" not in result.stderr
-    assert seconds < 3, f"{seconds:.1f} s: was TensorFlow imported?"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
     probed, _ = _run([sys.executable, "-c", PROBE, *arguments], tmp_path)
@@ -78,12 +77,11 @@ def test_bad_params_are_reported_before_the_heavy_imports_and_nothing_is_written
 
 @pytest.mark.parametrize("stage", list(cli.STAGES))
 def test_help_imports_nothing_heavy(stage, tmp_path):
-    result, seconds = _run([sys.executable, "-c", PROBE, stage, "--help"], tmp_path)
+    result, _ = _run([sys.executable, "-c", PROBE, stage, "--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"usage: python -m alexnet8 {stage}" in result.stdout
     assert all(option in result.stdout for option in cli.STAGES[stage].options)
     assert "heavy modules imported: []" in result.stderr
-    assert seconds < 3
 
 
 def test_a_missing_option_is_a_usage_error_before_any_import(tmp_path):

@@ -196,7 +196,8 @@ def test_a_tracking_server_that_does_not_answer_fails_before_training(prepared_d
     started = time.monotonic()
     with pytest.raises(PipelineError, match=f"tracking server at http://127.0.0.1:{port} .* does not answer"):
         train.main(_train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY)))
-    assert time.monotonic() - started < 10
+    # Not MLflow's retries (minutes): a generous bound, not a speed test.
+    assert time.monotonic() - started < 60
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -317,7 +318,7 @@ def test_a_damaged_mlflow_store_is_named_before_any_work(tmp_path, monkeypatch):
         tracking.start_pipeline_run("local", "second", project / "run2.json"),
     ):
         pass
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 60  # refused at once, not after MLflow's retries (a bound, not a speed test)
 
 
 def _restore_command(message: str) -> list[str]:

@@ -126,7 +126,7 @@ def test_a_trickling_server_is_given_up_on_and_nothing_is_written(server, tmp_pa
     started = time.monotonic()
     with pytest.raises(DataError, match=rf"download of {re.escape(server.url)} stalled: \d+ bytes in the last 0.5 s"):
         download(server.url, PAYLOAD_MD5, tmp_path / "cifar.tar.gz")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 30  # given up on, not read to its end (a bound, not a speed test)
     assert list(tmp_path.iterdir()) == []
 
 
