@@ -32,6 +32,7 @@ from alexnet8.multi_worker import (
     peer_failures_explained,
     per_worker_batch_size,
 )
+from alexnet8.reports import history_rows
 
 SRC = str(PROJECT_ROOT / "src")
 
@@ -87,7 +88,7 @@ def test_a_peer_failure_says_what_happened_and_from_which_epoch_to_resume(tmp_pa
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
     model.optimizer.build(model.trainable_variables)
-    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.5\n")
+    (tmp_path / "history.csv").write_text("epoch,train/loss\n1,1.0\n2,0.5\n")
     save_epoch(tmp_path, 2, model, tmp_path / "history.csv")  # the chief's set of epoch 2
     message = (
         "{{function_node __wrapped__CollectiveReduceV2_device_/job:worker/replica:0/task:1/device:CPU:0}} "
@@ -262,13 +263,12 @@ def test_two_workers_rerun_to_identical_weights_and_train_like_one_worker(two_wo
     _, _, folders = two_worker_runs
     first, again = _weights(folders["two"] / "model.keras"), _weights(folders["two_again"] / "model.keras")
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
-    two = json.loads((folders["two"] / "train.json").read_text())
-    one = json.loads((folders["one"] / "train.json").read_text())
+    two = history_rows(folders["two"] / "history.csv")[-1]
+    one = history_rows(folders["one"] / "history.csv")[-1]
     # Same global batch, data and augmentation; only the dropout masks and the batch-norm
     # statistics (over 16 images instead of 32) differ: the two learn alike.
-    one, two = one["train"], two["train"]
-    assert abs(two["accuracy"] - one["accuracy"]) <= 0.25, (one, two)
-    assert abs(two["loss"] - one["loss"]) <= 0.5 * max(one["loss"], two["loss"]), (one, two)
+    assert abs(two["train/accuracy"] - one["train/accuracy"]) <= 0.25, (one, two)
+    assert abs(two["train/loss"] - one["train/loss"]) <= 0.5 * max(one["train/loss"], two["train/loss"]), (one, two)
 
 
 def _wait_for(process: subprocess.Popen, lines: list[str], text: str, deadline: float) -> None:

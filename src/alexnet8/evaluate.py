@@ -3,8 +3,8 @@
 Reads: the model `--model`, the prepared folder `--data` (test and validation splits, class
 names, the archive's md5), the run file `--run-file` (the training's MLflow run); params
 `evaluate.*`, `fetch.url`, `mlflow.registered_model_name`.
-Writes: `--metrics` (JSON: test accuracy, loss and accuracy per class, and validation accuracy
-and loss, for `dvc metrics`), `--predictions` (CSV: actual and predicted class of every test
+Writes: `--metrics` (JSON: test accuracy and loss, validation accuracy as served, for `dvc
+metrics`; MLflow gets these, the validation loss and each class's accuracy), `--predictions` (CSV: actual and predicted class of every test
 image, for `dvc plots` and the plot stage) and `--served-model` (JSON: the evaluation's run, the
 logged model and its registered version, for `predict`).
 
@@ -34,7 +34,7 @@ from alexnet8.classifier_model import ImageClassifier, view_config, views_per_im
 from alexnet8.dataset import DATASET_FILE, ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
-from alexnet8.metric_names import nested
+from alexnet8.metric_names import EVALUATE_HEADLINE, headline
 from alexnet8.params import load_params
 from alexnet8.progress import progress_bar
 from alexnet8.registry import Evaluation, promote
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 name, str(version), version_description(class_names, views, evaluation.describe())
             )
             promote(name, str(version), evaluation)
-        write_json(arguments.metrics, nested(metrics))
+        write_json(arguments.metrics, headline(metrics, EVALUATE_HEADLINE))
         write_predictions(arguments.predictions, labels, predicted, class_names)
         mlflow.log_artifact(arguments.metrics)
         served = ServedModelRecord(

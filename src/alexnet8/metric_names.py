@@ -29,12 +29,22 @@ FROM_KERAS = {
 EPOCH_METRICS = tuple(FROM_KERAS.values())
 EPOCH_COLUMN = "epoch"
 FIRST_EPOCH = 1
+# The headline numbers the metrics files hold for `dvc metrics` and `dvc exp show` (MLflow has them
+# all, the history CSV every epoch's): few enough that `dvc exp show --only-changed` fits 160
+# columns with a changed param beside them.
+TRAIN_HEADLINE = ("train/loss", "val/accuracy")  # after the last epoch
+EVALUATE_HEADLINE = ("test/accuracy", "test/loss", "val_served/accuracy")
 
 
 def epoch_metrics(keras_logs: Mapping[str, float]) -> dict[str, float]:
     """An epoch's Keras logs under the pipeline's names, in EPOCH_METRICS' order (the learning
     rate and other extras dropped)."""
     return {name: float(keras_logs[key]) for key, name in FROM_KERAS.items() if key in keras_logs}
+
+
+def headline(metrics: Mapping[str, float], names: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The metrics file's content: `names` of `metrics`, nested."""
+    return nested({name: metrics[name] for name in names})
 
 
 def nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:

@@ -3,7 +3,7 @@
 Reads: the prepared folder `--data` (train and validation splits, dataset.json); params `seed`,
 `train.*`, `mlflow.*`.
 Writes: the model `--model` (`.keras`), the per-epoch history `--history` (CSV, for `dvc plots`),
-the last epoch's metrics `--metrics` (JSON, for `dvc metrics`), and the run file `--run-file`
+the last epoch's training loss and validation accuracy `--metrics` (JSON, for `dvc metrics`), and the run file `--run-file`
 naming the MLflow run. MLflow gets every param but `evaluate.*`, per-epoch loss and accuracy
 (training and validation, step = epoch) and provenance (git commit, data md5s, params.yaml,
 dvc.lock, package versions); the evaluate stage logs and registers the model it scores.
@@ -47,7 +47,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.metric_names import nested
+from alexnet8.metric_names import TRAIN_HEADLINE, headline
 from alexnet8.model import initialize_conv1_whitening, portable_model
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("saved %s", arguments.model)
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
-        write_json(arguments.metrics, nested({name: values[-1] for name, values in history.items()}))
+        write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
         try:
             log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
         except MlflowException as error:  # the server is down
