@@ -15,6 +15,7 @@ date) under the plots. Reads only those files; writes OUT.png.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Sequence
 
 import numpy as np
@@ -66,8 +67,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def with_source(figure: Figure, source: str | None) -> Figure:
     """`figure` with `source` written small under its plots (which move up to make room)."""
     if source:
-        figure.text(0.5, 0.01, source, ha="center", va="bottom", fontsize="small", color="0.3")
-        figure.tight_layout(rect=(0, 0.05, 1, 1))
+        # Wrapped to the figure's width (about 14 characters an inch at this size).
+        lines = textwrap.wrap(source, width=int(figure.get_figwidth() * 14))
+        figure.text(0.5, 0.01, "\n".join(lines), ha="center", va="bottom", fontsize="small", color="0.3")
+        figure.tight_layout(rect=(0, 0.03 + 0.035 * len(lines), 1, 1))
     return figure
 
 

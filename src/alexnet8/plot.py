@@ -27,6 +27,8 @@ from alexnet8.tracking import reopen_pipeline_run
 
 logger = logging.getLogger(__name__)
 
+FIGURE_WIDTH_INCHES = 7.9
+
 
 def read_history(path: str | Path) -> dict[str, np.ndarray]:
     """The train stage's history CSV as metric -> values, ordered by epoch; DataError if it has no epochs."""
@@ -49,22 +51,24 @@ def curves_figure(history: dict[str, np.ndarray]) -> Figure:
     """Accuracy (left) and loss (right), training and validation, per epoch: the original's figure."""
     epochs = np.arange(FIRST_EPOCH, len(history["train/loss"]) + FIRST_EPOCH)
     # A Figure of its own, not pyplot's: no global state, no display backend (servers, CI).
-    figure = Figure(figsize=(11, 4.2))
+    # 790 pixels wide at 100 dpi: `dvc plots diff` puts two revisions' figures side by side, and
+    # both fit a 1,600-pixel page.
+    figure = Figure(figsize=(FIGURE_WIDTH_INCHES, 3.8))
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     for axes, metric, title in ((accuracy_axes, "accuracy", "Accuracy"), (loss_axes, "loss", "Loss")):
-        axes.plot(epochs, history[f"train/{metric}"], marker="o", label=f"Training {title} (train/{metric})")
-        axes.plot(epochs, history[f"val/{metric}"], marker="o", label=f"Validation {title} (val/{metric})")
+        axes.plot(epochs, history[f"train/{metric}"], marker="o", label=f"training (train/{metric})")
+        axes.plot(epochs, history[f"val/{metric}"], marker="o", label=f"validation (val/{metric})")
         axes.set_title(f"Training and Validation {title}")
         axes.set_xlabel("epoch")
         axes.set_xticks(epochs)
-        axes.legend()
+        axes.legend(fontsize="small")
         axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
 
 
 def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
-    figure = Figure(figsize=(7.5, 6.5))
+    figure = Figure(figsize=(FIGURE_WIDTH_INCHES, 6.8))
     axes = figure.subplots()
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes)
