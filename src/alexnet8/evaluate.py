@@ -4,9 +4,10 @@ Reads: the model `--model`, the prepared folder `--data` (test and validation sp
 names, the archive's md5), the run file `--run-file` (the training's MLflow run); params
 `evaluate.*`, `fetch.url`, `mlflow.registered_model_name`.
 Writes: `--metrics` (JSON: test accuracy and loss, validation accuracy as served, for `dvc
-metrics`; MLflow gets these, the validation loss and each class's accuracy), `--predictions` (CSV: actual and predicted class of every test
-image, for `dvc plots` and the plot stage) and `--served-model` (JSON: the evaluation's run, the
-logged model and its registered version, for `predict`).
+metrics`; MLflow gets these, the validation loss and each class's accuracy), `--predictions`
+(CSV: actual and predicted class of every test image, for `dvc plots` and the plot stage) and
+`--served-model` (JSON: the evaluation's run, the logged model and its registered version, for
+`predict`).
 
 The served model is the trained network with the test-time views `evaluate.*` set
 (classifier_model.py); it is scored through the very code that serves it, so every number here
@@ -19,7 +20,6 @@ test images (registry.py). A changed `evaluate.*` param makes a new version with
 from __future__ import annotations
 
 import logging
-import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +40,7 @@ from alexnet8.progress import progress_bar
 from alexnet8.registry import Evaluation, promote
 from alexnet8.reports import write_predictions
 from alexnet8.served_model import ServedModelRecord, log_classifier, version_description, write_record
-from alexnet8.tracking import archive_dataset, provenance_tags, read_run_file, start_evaluation_run
+from alexnet8.tracking import archive_dataset, provenance_tags, read_run_file, start_evaluation_run, use_project_store
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     evaluation = Evaluation(int(np.sum(predicted == labels)), len(labels), description["archive_md5"])
 
     training = read_run_file(arguments.run_file)
-    with start_evaluation_run(arguments.run_file, evaluation_run_name()) as run:
+    training_name = training_run_name(training)
+    with start_evaluation_run(arguments.run_file, f"{training_name} (evaluate)") as run:
         evaluate_params = {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()}
         mlflow.log_params(evaluate_params)
         mlflow.set_tags(provenance_tags() | {"data.archive_md5": description["archive_md5"]})
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             class_names,
             views,
             example_images=test_split.images[:2],
-            name=mlflow.get_run(training["run_id"]).info.run_name,
+            name=training_name,
             params=evaluate_params,
             registered_model_name=params.mlflow.registered_model_name or None,
         )
@@ -162,9 +163,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-def evaluation_run_name() -> str:
-    """The evaluation run's name: the DVC experiment's under `dvc exp run`, else `evaluate`."""
-    return os.environ.get("DVC_EXP_NAME") or "evaluate"
+def training_run_name(training: dict) -> str:
+    """The training run's name (the evaluation run and the logged model are named after it)."""
+    use_project_store()
+    return mlflow.MlflowClient().get_run(training["run_id"]).info.run_name
 
 
 def per_class_table(accuracy: dict[str, float | None], labels: np.ndarray, class_names: list[str]) -> pd.DataFrame:

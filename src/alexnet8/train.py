@@ -3,10 +3,11 @@
 Reads: the prepared folder `--data` (train and validation splits, dataset.json); params `seed`,
 `train.*`, `mlflow.*`.
 Writes: the model `--model` (`.keras`), the per-epoch history `--history` (CSV, for `dvc plots`),
-the last epoch's training loss and validation accuracy `--metrics` (JSON, for `dvc metrics`), and the run file `--run-file`
-naming the MLflow run. MLflow gets every param but `evaluate.*`, per-epoch loss and accuracy
-(training and validation, step = epoch) and provenance (git commit, data md5s, params.yaml,
-dvc.lock, package versions); the evaluate stage logs and registers the model it scores.
+the last epoch's training loss and validation accuracy `--metrics` (JSON, for `dvc metrics`),
+and the run file `--run-file` naming the MLflow run. MLflow gets every param but `evaluate.*`,
+per-epoch loss and accuracy (training and validation, step = epoch from 1), MLflow's system
+metrics and provenance (git commit, data md5s, params.yaml, dvc.lock, package versions); the
+evaluate stage logs and registers the model it scores.
 While training runs, `--checkpoints/<key>/` holds each epoch's state, to resume from after an
 interruption (see checkpoints.py); it is deleted once the model is saved and every epoch logged.
 With `TF_CONFIG` set, this is one worker of a multi-worker training (multi_worker.py): the
