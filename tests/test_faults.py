@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import keras
 import mlflow
@@ -392,3 +393,18 @@ def test_dvcs_cache_on_a_full_disk_is_repaired_by_the_commands_the_docs_give(sma
     shutil.rmtree(project / "out")
     run_command(["dvc", "checkout"], project)  # everything in use is still in the cache
     assert len(list((project / "out").iterdir())) == 3
+
+
+def test_a_full_disk_when_the_model_is_saved_names_the_folder_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+
+    from alexnet8.model import build_alexnet8
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(keras.Model, "save", full_disk)
+    with pytest.raises(PipelineError, match=r"no space left on the device of .*models: the trained model needs more"):
+        train.save_model(build_alexnet8(dense_units=16), tmp_path / "models" / "model.keras")
+    assert list((tmp_path / "models").iterdir()) == []  # nothing half-written

@@ -11,7 +11,7 @@ from unittest.mock import ANY
 import mlflow
 import numpy as np
 import pytest
-from helpers import commit_all, evaluation_run, fresh_clone, run_command, write_params
+from helpers import activated_environment, commit_all, evaluation_run, fresh_clone, run_command, write_params
 
 from alexnet8.metric_names import EPOCH_METRICS
 
@@ -245,3 +245,18 @@ def test_an_edited_param_shows_in_params_diff_and_reruns_only_what_depends_on_it
     assert json.loads(diff)["params.yaml"] == {"train.epochs": {"old": 2, "new": 3, "diff": 1}}
     status = json.loads(_run(["dvc", "status", "--json"], project))
     assert "train" in status and "fetch" not in status and "preprocess" not in status
+
+
+def test_dvc_exp_show_after_one_changed_param_fits_160_columns_and_the_readmes_command_80(project):
+    """The changed param in full (DVC ends the header with `…` for the columns that do not fit:
+    here the md5s of changed dependencies and outputs)."""
+    _run(["dvc", "exp", "run", "-n", "width", "-S", "train.learning_rate=0.0007"], project)
+    for columns, drop in ((160, []), (80, ["--drop", "Created|.*loss|val.*|.*/.*"])):
+        environment = activated_environment(COLUMNS=str(columns))
+        shown = run_command(["dvc", "exp", "show", "--only-changed", "--no-pager", *drop], project, environment)
+        lines = [line for line in shown.splitlines() if line.strip()]
+        header = next(line for line in lines if "Experiment" in line)
+        assert all(len(line) <= columns for line in lines), shown
+        assert re.search(r"\btrain\.learning_rate\b", header), shown
+    _run(["git", "checkout", "--", "params.yaml"], project)
+    _run(["dvc", "checkout"], project)

@@ -46,7 +46,7 @@ from alexnet8.checkpoints import (
 from alexnet8.dataset import Split, dataset_digest, load_description, load_split
 from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
-from alexnet8.files import atomic_path, write_json, write_text
+from alexnet8.files import atomic_path, disk_full, no_space_message, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.metric_names import TRAIN_HEADLINE, headline
 from alexnet8.model import initialize_conv1_whitening, portable_model
@@ -73,6 +73,8 @@ from alexnet8.tracking import (
 )
 
 logger = logging.getLogger(__name__)
+
+MODEL_BYTES_ESTIMATE = 40_000_000  # a full-size AlexNet8 `.keras` file without optimizer state: 39 MB
 
 
 class TrainingDiverged(PipelineError):
@@ -185,6 +187,23 @@ def _history_file(checkpoint_dir: Path, chief: bool, resumed: SavedEpoch | None)
         yield history
 
 
+def save_model(model: keras.Model, path: Path) -> None:
+    """Save the trained model as a file any Keras loads; a full disk is a PipelineError naming the
+    folder (the checkpoint of the last epoch stays, so the rerun saves without retraining)."""
+    model = portable_model(model)
+    try:
+        with atomic_path(path, suffix=".keras") as temporary:
+            model.save(temporary)
+    except OSError as error:
+        if not disk_full(error, path.parent, MODEL_BYTES_ESTIMATE):
+            raise
+        raise PipelineError(
+            no_space_message(path.parent, "the trained model", MODEL_BYTES_ESTIMATE, exact=False)
+            + ": it resumes after the last epoch and saves the model"
+        ) from None
+    logger.info("saved %s", path)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = cli.stage_parser("train").parse_args(argv)
     params = load_params(arguments.params)
@@ -243,9 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             normalization=description["normalization"],
             worker=worker,
         )
-        with atomic_path(arguments.model, suffix=".keras") as temporary:
-            portable_model(model).save(temporary)  # a file any Keras loads
-        logger.info("saved %s", arguments.model)
+        save_model(model, Path(arguments.model))
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
         write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
