@@ -42,7 +42,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.model import initialize_conv1_whitening, portable_model
+from alexnet8.model import WEIGHTS_DIGEST_TAG, initialize_conv1_whitening, portable_model, saved_weights_digest
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -57,7 +57,7 @@ from alexnet8.multi_worker import (
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.reports import history_columns, truncate_history
-from alexnet8.runtime import configure_runtime, distribution_strategy
+from alexnet8.runtime import configure_runtime, distribution_strategy, machine_facts
 from alexnet8.tracking import (
     check_tracking_server,
     default_run_name,
@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             derived={"jit_compile": train_params.jit_compile},
         )
         mlflow.set_tag(WORKERS_TAG, str(worker.cluster.workers if worker else 1))
+        mlflow.set_tags(machine_facts())  # what decides bit-identity elsewhere (reproduce.py)
         model, history = train_model(
             train_params,
             params.seed,
@@ -245,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_json(arguments.metrics, {name: values[-1] for name, values in history.items()})
         try:
             log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
+            mlflow.set_tag(WEIGHTS_DIGEST_TAG, saved_weights_digest(arguments.model))
         except MlflowException as error:  # the server is down
             raise PipelineError(
                 f"the model is trained and saved in {arguments.model}, but MLflow at {record['tracking_uri']} "
