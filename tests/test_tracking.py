@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from helpers import commit_all, minimal_environment, run_command
 from mlflow.exceptions import MlflowException
 
 from alexnet8 import local_store, tracking
@@ -98,3 +99,18 @@ def test_an_mlflow_error_in_a_later_stage_says_to_rerun_it_and_ends_the_run_fail
     assert "did not take this stage's results (API request failed: 503 Service Unavailable)" in str(error.value)
     assert f"rerun the stage (`dvc repro`) once it answers, to log them into run {run_id}" in str(error.value)
     assert mlflow.MlflowClient().get_run(run_id).info.status == "FAILED"
+
+
+def test_a_tree_with_uncommitted_changes_gives_their_diff_and_the_untracked_names(tmp_path, monkeypatch):
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    (repository / "model.py").write_text("units = 16\n")
+    run_command(["git", "init", "-q"], repository, minimal_environment())
+    commit_all(repository, "first")
+    monkeypatch.chdir(repository)
+    assert tracking.uncommitted_changes() == (b"", "")
+    (repository / "model.py").write_bytes(b"units = 32\r\n")  # a file's own line endings are kept
+    (repository / "notes.txt").write_text("not in git\n")
+    diff, untracked = tracking.uncommitted_changes()
+    assert b"diff --git a/model.py b/model.py" in diff and b"+units = 32\r\n" in diff
+    assert untracked == "notes.txt\n"
