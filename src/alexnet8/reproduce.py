@@ -46,7 +46,7 @@ from alexnet8.errors import PipelineError
 from alexnet8.files import file_md5
 from alexnet8.tensorflow_startup import load_tensorflow
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("alexnet8.reproduce")  # not __main__ under `python -m`
 
 BIT_FOR_BIT = "reproduced bit for bit"
 DIFFERS = "differs"
