@@ -13,6 +13,7 @@ import mlflow
 import pytest
 import yaml
 from helpers import commit_all, fresh_clone, minimal_environment, run_command, write_params
+from test_stack import stack  # noqa: F401  the team stack of a fresh clone, up on free ports (a fixture)
 
 from alexnet8.errors import PipelineError
 from alexnet8.reproduce import (
@@ -82,6 +83,7 @@ def test_another_cpu_kind_gives_a_reproduction_within_the_accuracy_gap():
     verdict = judge(_source(), other)
     assert verdict.headline == "reproduced within 0.0100 (different CPU kind: expected)"
     assert "test_accuracy 0.49 here, 0.48 in the run" in verdict.details
+    assert "machine.cpu_features: avx avx2 avx512f fma sse4_2 here, avx avx2 fma sse4_2 in the run" in verdict.details
 
 
 def test_other_weights_on_the_same_machine_and_packages_differ():
@@ -249,3 +251,45 @@ def test_a_commit_missing_from_the_clone_is_named_and_nothing_is_made(project, t
     assert result.returncode == 1, result.stderr
     assert "is not in this clone" in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("other-clone-reproduce-*"))
+
+
+# The team stack: a teammate's clone reproduces from the server and the remote.
+
+
+@pytest.mark.stack
+def test_a_teammate_reproduces_from_the_server_and_the_remote_and_a_reader_records_nothing(stack, tmp_path):  # noqa: F811
+    project = stack.project
+    run_command(["dvc", "repro"], project, stack.environment())
+    version = _served_version(project)
+    commit_all(project, "a run on the team stack")
+    run_command(["dvc", "push", "-r", "stack"], project, stack.environment())
+
+    clone = tmp_path / "teammate"
+    run_command(["git", "clone", "-q", str(project), str(clone)], tmp_path, minimal_environment())
+    settings, secrets = stack.state["settings"], stack.state["secrets"]
+    remote = {
+        "url": f"s3://{settings['bucket']}/dvc",
+        "endpointurl": f"http://127.0.0.1:{settings['s3_port']}",
+        "access_key_id": secrets["s3_access_key"],
+        "secret_access_key": secrets["s3_secret_key"],
+    }
+    run_command(["dvc", "remote", "add", "--local", "stack", remote.pop("url")], clone)
+    for key, value in remote.items():
+        run_command(["dvc", "remote", "modify", "--local", "stack", key, value], clone)
+    command = [sys.executable, "-m", "alexnet8.reproduce", f"models:/alexnet8-cifar10/{version}"]
+
+    output = run_command([*command, "--workspace", str(tmp_path / "writer")], clone, stack.environment())
+    assert f"alexnet8-cifar10 version {version}: reproduced bit for bit" in output
+    assert "the archive, from the DVC remote stack" in output
+    tags = stack.client().get_model_version("alexnet8-cifar10", version).tags
+    assert tags["reproduction.verdict"] == BIT_FOR_BIT
+
+    from mlflow.server import get_app_client  # as the admin: stack.client() set the credentials
+
+    admin = get_app_client("basic-auth", tracking_uri=stack.tracking_uri)
+    admin.create_user("reader", "reader-password-0123456789")  # default_permission: READ
+    reader = stack.environment(MLFLOW_TRACKING_USERNAME="reader", MLFLOW_TRACKING_PASSWORD="reader-password-0123456789")
+    output = run_command([*command, "--workspace", str(tmp_path / "reader")], clone, reader)
+    assert f"alexnet8-cifar10 version {version}: reproduced bit for bit" in output
+    assert "nothing was recorded: this user may only read" in output
+    assert stack.client().get_model_version("alexnet8-cifar10", version).tags == tags

@@ -23,9 +23,6 @@ from keras import layers
 
 from alexnet8.dataset import IMAGE_SHAPE
 
-# The training run's tag holding saved_weights_digest of its model (reproduce.py compares it).
-WEIGHTS_DIGEST_TAG = "weights.sha256"
-
 
 def pixel_normalization(inputs: keras.KerasTensor, normalization: Mapping | None) -> keras.KerasTensor:
     """Raw pixels (0-255) -> the network's inputs, as dataset.json's `normalization` says.

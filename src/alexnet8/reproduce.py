@@ -51,17 +51,15 @@ logger = logging.getLogger("alexnet8.reproduce")  # not __main__ under `python -
 BIT_FOR_BIT = "reproduced bit for bit"
 DIFFERS = "differs"
 DEFAULT_TOLERANCE = 0.02  # accuracy: beyond it a reproduction on another machine kind differs
-# Tags this module reads, as train.py, tracking.py and model.py write them.
-WEIGHTS_DIGEST_TAG = "weights.sha256"
-MACHINE_PREFIX = "machine."
+MACHINE_PREFIX = "machine."  # runtime.machine_facts' tags
 REPRODUCES_TAG = "reproduces"
 VERDICT_TAGS = ("reproduction.verdict", "reproduction.date", "reproduction.run_id")
 # Uncommitted files that the workspace gets from the run's own record, not from its diff.
 RESTORED_FILES = ("params.yaml", "dvc.lock")
 # Params that say where a run is logged, or what the machine made of a param: not what was trained.
 NOT_COMPARED_PARAMS = re.compile(r"^(mlflow\.|derived\.jit_compile$)")
-# Metrics of speed differ between any two runs.
-SPEED_METRICS = re.compile(r"second|_time|time_|duration|throughput")
+# Metrics of speed, and MLflow's system metrics, differ between any two runs.
+NOT_COMPARED_METRICS = re.compile(r"^system/|second|_time|time_|duration|throughput")
 MACHINE_WORDS = {
     "machine.cpu": "different CPU kind",
     "machine.cpu_features": "different CPU kind",
@@ -137,18 +135,22 @@ def machine_tags(tags: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in tags.items() if key.startswith(MACHINE_PREFIX)}
 
 
-def expected_causes(source: Source, outcome: Outcome) -> list[str]:
-    """Why the weights may differ with no fault: different CPU kind, thread count, XLA, packages."""
+def expected_causes(source: Source, outcome: Outcome) -> tuple[list[str], list[str]]:
+    """Why the weights may differ with no fault (different CPU kind, thread count, XLA, packages),
+    in a word each, and the facts behind them."""
     causes = []
     recorded = machine_tags(source.tags)
     for key, word in MACHINE_WORDS.items():
         if key in recorded and outcome.machine.get(key) != recorded[key] and word not in causes:
             causes.append(word)
-    if source.params.get("derived.jit_compile") != outcome.params.get("derived.jit_compile"):
+    facts = machine_differences(recorded, outcome.machine)
+    xla = source.params.get("derived.jit_compile"), outcome.params.get("derived.jit_compile")
+    if xla[0] != xla[1]:
         causes.append("XLA")
+        facts.append(f"jit_compile {xla[1]} here, {xla[0]} in the run")
     if "packages.txt" in source.files and package_differences(source.files["packages.txt"], outcome.packages):
         causes.append("packages")
-    return causes
+    return causes, facts
 
 
 def param_differences(source: Source, outcome: Outcome) -> list[str]:
@@ -162,7 +164,7 @@ def param_differences(source: Source, outcome: Outcome) -> list[str]:
 
 def metric_differences(source: Source, outcome: Outcome) -> dict[str, tuple[float, float]]:
     """The metrics both record that are not equal: name -> (the run's, the reproduction's)."""
-    common = {name for name in source.metrics.keys() & outcome.metrics.keys() if not SPEED_METRICS.search(name)}
+    common = {name for name in source.metrics.keys() & outcome.metrics.keys() if not NOT_COMPARED_METRICS.search(name)}
     return {
         name: (source.metrics[name], outcome.metrics[name])
         for name in sorted(common)
@@ -182,7 +184,7 @@ def unchecked(source: Source) -> list[str]:
         notes.append("the run has no weights digest and no logged model: its weights cannot be compared")
     if "packages.txt" not in source.files:
         notes.append("the run did not record its packages: package differences cannot be checked")
-    if source.dirty and "uncommitted.diff" not in source.files:
+    if source.dirty and tracking.UNCOMMITTED_DIFF not in source.files:
         notes.append(
             "the run's checkout had uncommitted changes, not recorded: params.yaml is the run's, any other "
             "change cannot be restored"
@@ -213,7 +215,8 @@ def judge(source: Source, outcome: Outcome, tolerance: float = DEFAULT_TOLERANCE
             BIT_FOR_BIT if source.weights_digest else "reproduced within 0 (every metric equal; weights not compared)"
         )
         return Verdict(headline, details)
-    causes = expected_causes(source, outcome)
+    causes, facts = expected_causes(source, outcome)
+    results += facts
     gap = max((abs(run - here) for name, (run, here) in metrics.items() if "accuracy" in name), default=0.0)
     if not inputs and causes and gap <= tolerance:
         return Verdict(f"reproduced within {gap:.4f} ({' / '.join(causes)}: expected)", results + details)
@@ -242,7 +245,7 @@ def report(source: Source, outcome: Outcome, verdict: Verdict) -> str:
 
 def parse_reference(reference: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME/VERSION` -> ("version", NAME, VERSION); `models:/NAME@ALIAS` -> ("alias", NAME,
-    ALIAS); a run id -> ("run", ID, None). ParamsError-like PipelineError for anything else."""
+    ALIAS); a run id -> ("run", ID, None). A PipelineError saying what to give for anything else."""
     match = re.fullmatch(r"models:/([^/@]+)/(\d+)", reference)
     if match:
         return "version", match[1], match[2]
@@ -366,8 +369,8 @@ def _logged_model_location(client: mlflow.MlflowClient, version: ModelVersion | 
 
 def _source_digest(training: Run, model_location: str | None) -> tuple[str | None, str]:
     """The weights digest the training run recorded, else that of the `.keras` file in its logged model."""
-    if WEIGHTS_DIGEST_TAG in training.data.tags:
-        return training.data.tags[WEIGHTS_DIGEST_TAG], "the run's"
+    if tracking.WEIGHTS_DIGEST_TAG in training.data.tags:
+        return training.data.tags[tracking.WEIGHTS_DIGEST_TAG], "the run's"
     if model_location is None:
         return None, "none"
     with tempfile.TemporaryDirectory(prefix="alexnet8-reproduce-") as folder:
@@ -451,7 +454,7 @@ def make_workspace(root: Path, commit: str | None, workspace: Path) -> None:
 def restore_inputs(workspace: Path, root: Path, source: Source) -> None:
     """Into the workspace: the run's uncommitted changes to code (its recorded diff), params.yaml
     and dvc.lock, and this checkout's DVC settings (.dvc/config.local: a remote's credentials)."""
-    diff = source.files.get("uncommitted.diff", "")
+    diff = source.files.get(tracking.UNCOMMITTED_DIFF, "")
     changed = code_changes(diff, source.files.get("dvc.lock", ""))
     if changed:
         included = [f"--include={name}" for name in changed]
@@ -578,7 +581,7 @@ def read_outcome(client: mlflow.MlflowClient, workspace: Path, source: Source) -
     training = client.get_run(training_id)
     served = _json_file(workspace / "models" / "served_model.json") or {}
     evaluation = client.get_run(served["run_id"]) if "run_id" in served else _newest_evaluation(client, training)
-    untracked = source.files.get("untracked.txt", "").splitlines()
+    untracked = source.files.get(tracking.UNTRACKED_FILES, "").splitlines()
     return Outcome(
         training_run_id=training_id,
         evaluation_run_id=evaluation.info.run_id if evaluation else None,
@@ -701,5 +704,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.stdout.write(f"  workspace: {workspace} (remove it: git worktree remove --force {workspace})\n")
 
 
+INTERRUPTED = (
+    "interrupted: nothing was compared or recorded. The workspace named above stays; "
+    "`git worktree remove --force <workspace>` removes it"
+)
+
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, interrupted=INTERRUPTED)

@@ -118,8 +118,11 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
+# In a training run's provenance/: what its commit lacks (reproduce.py restores or names it).
 UNCOMMITTED_DIFF = "uncommitted.diff"
 UNTRACKED_FILES = "untracked.txt"
+# The training run's tag holding model.saved_weights_digest of its model (reproduce.py compares it).
+WEIGHTS_DIGEST_TAG = "weights.sha256"
 
 
 def uncommitted_changes() -> tuple[bytes, str]:

@@ -42,7 +42,7 @@ from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, write_json
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
-from alexnet8.model import WEIGHTS_DIGEST_TAG, initialize_conv1_whitening, portable_model, saved_weights_digest
+from alexnet8.model import initialize_conv1_whitening, portable_model, saved_weights_digest
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -59,6 +59,7 @@ from alexnet8.params import TrainParams, load_params
 from alexnet8.reports import history_columns, truncate_history
 from alexnet8.runtime import configure_runtime, distribution_strategy, machine_facts
 from alexnet8.tracking import (
+    WEIGHTS_DIGEST_TAG,
     check_tracking_server,
     default_run_name,
     failure_reason,
