@@ -196,7 +196,11 @@ def judge(source: Source, outcome: Outcome, tolerance: float = DEFAULT_TOLERANCE
     """The verdict: the weights digests and metrics compared, knowing what may make them differ."""
     details = unchecked(source)
     if outcome.unrestored:
-        details.append(f"not restored (files git did not track in the run's checkout): {', '.join(outcome.unrestored)}")
+        shown, more = ", ".join(outcome.unrestored[:10]), len(outcome.unrestored) - 10
+        details.append(
+            f"not restored (files git did not track in the run's checkout): {shown}"
+            + (f" and {more} more" if more > 0 else "")
+        )
     # What differs that no machine explains: the inputs.
     inputs = param_differences(source, outcome)
     recorded_prepared = source.tags.get("data.prepared_md5")
