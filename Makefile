@@ -5,6 +5,7 @@
 #   make pipeline FETCH_URL=/path/to/cifar-10-binary.tar.gz FETCH_MD5=<its md5>
 # The usual commands afterwards, without activating the environment:
 #   make recipe NAME=recipe-sgd    run a training recipe of recipes/ as a DVC experiment
+#   make reproduce MODEL=models:/alexnet8-cifar10/3   rebuild a version from its record: the same?
 #   make ui                        browse the runs in MLflow (the URL it prints)
 #   make train-workers WORKERS=2   the train stage as 2 workers on this machine (docs/scaling.md)
 #   make stack-up / stack-down     the team stack: PostgreSQL, an S3 store and an MLflow server (docs/team.md)
@@ -22,7 +23,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 unexport PYTHONHOME
 
-.PHONY: setup pipeline test recipe train-workers ui stack-up stack-down stack-status lint format lock clean clean-env
+.PHONY: setup pipeline test recipe reproduce train-workers ui stack-up stack-down stack-status lint format lock clean clean-env
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
@@ -53,6 +54,12 @@ test: setup
 # with the params of recipes/NAME.yaml (and SET on top).
 recipe: setup
 	python -m alexnet8.recipe $(NAME) $(if $(EXP),--name $(EXP)) $(foreach item,$(SET),--set $(item))
+
+# `make reproduce MODEL=models:/alexnet8-cifar10/3` (or models:/alexnet8-cifar10@champion, or a run id)
+# [WORKSPACE=folder]: rebuild the model in a git worktree at its run's commit, with its params and data,
+# and say whether it came out bit for bit the same (docs/experiments.md). This checkout is not touched.
+reproduce: setup
+	python -m alexnet8.reproduce '$(MODEL)' $(if $(WORKSPACE),--workspace '$(WORKSPACE)')
 
 # dvc.yaml's train command as WORKERS processes of one MultiWorkerMirroredStrategy training on
 # 127.0.0.1; `dvc commit -f train` then records its outputs (docs/scaling.md).

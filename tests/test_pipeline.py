@@ -200,12 +200,15 @@ def test_experiments_are_compared_in_dvc_and_tracked_in_mlflow(project):
         assert runs[name].info.run_name == name and tags["git.commit"] == head and tags["git.dirty"] == "true"
         assert tags["data.archive_md5"] and len(tags["data.prepared_md5"]) == 32 and "alexnet8 train" in tags["command"]
         artifacts = {artifact.path for artifact in client.list_artifacts(runs[name].info.run_id, "provenance")}
-        assert artifacts == {
+        assert artifacts >= {
             "provenance/params.yaml",
             "provenance/dvc.lock",
             "provenance/packages.txt",
             "provenance/dataset.json",
+            "provenance/uncommitted.diff",  # the tree is dirty: params.yaml holds the experiment's values
         }
+        diff = Path(client.download_artifacts(runs[name].info.run_id, "provenance/uncommitted.diff")).read_text()
+        assert "diff --git a/params.yaml b/params.yaml" in diff
     assert runs["lr-low"].data.params["train.learning_rate"] == "0.0005"
     _run(["git", "checkout", "--", "params.yaml"], project)
     _run(["dvc", "checkout"], project)

@@ -17,8 +17,9 @@ from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.evaluate import main as evaluate_main
 from alexnet8.metric_names import EPOCH_METRICS
+from alexnet8.model import weights_digest
 from alexnet8.plot import main as plot_main
-from alexnet8.runtime import cpu_features, xla_choice
+from alexnet8.runtime import cpu_features, machine_facts, xla_choice
 from alexnet8.tracking import RUNS_VIEW_TAG, runs_page_url
 from alexnet8.train import main as train_main
 
@@ -140,6 +141,9 @@ def test_the_training_run_has_its_params_per_epoch_metrics_figures_and_provenanc
     assert not [name for name in run.data.params if name.startswith("optimizer_")]  # train.* says it all
     assert json.loads(run.data.tags["data.sizes"]) == {"train": 90, "validation": 10, "test": 40}
     assert "dvc.experiment" not in run.data.tags  # not run by `dvc exp run`
+    # What `make reproduce` compares: the saved weights, and the machine facts that decide bit-identity.
+    assert run.data.tags["weights.sha256"] == weights_digest(keras.models.load_model(paths["model"]))
+    assert {key: run.data.tags[key] for key in machine_facts()} == machine_facts()
     [dataset] = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("cifar-10", run.data.tags["data.archive_md5"])
     logged_description = json.loads(Path(client.download_artifacts(run_id, "provenance/dataset.json")).read_text())

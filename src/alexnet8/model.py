@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -174,3 +175,8 @@ def weights_digest(model: keras.Model) -> str:
     for weights in model.get_weights():
         digest.update(np.ascontiguousarray(weights).tobytes())
     return digest.hexdigest()
+
+
+def saved_weights_digest(path: str | Path) -> str:
+    """weights_digest of the model saved in the `.keras` file `path`, as Keras loads it anywhere."""
+    return weights_digest(keras.models.load_model(path, compile=False))

@@ -1,11 +1,14 @@
 """Process-wide TensorFlow settings for training: numerics, determinism, XLA and the devices it runs on.
 
-Reads: `/proc/cpuinfo` (the CPU's features, for `train.jit_compile: auto`). Writes nothing.
+Reads: `/proc/cpuinfo` (the CPU's model and features, for `train.jit_compile: auto` and the
+training run's machine tags). Writes nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 from pathlib import Path
 
 import keras
@@ -27,6 +30,55 @@ def cpu_features(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
         if key.strip() == "flags":
             return frozenset(value.split())
     return frozenset()
+
+
+def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """The CPU's model name (`Intel(R) Xeon(R) ...`), or the platform's word for it where Linux's is unknown."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+# The CPU features that decide which kernels oneDNN, XLA and Eigen pick (vector width, FMA,
+# bfloat16): two CPUs alike in these run the same arithmetic in the same order.
+KERNEL_FEATURES = frozenset(
+    {
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_bf16",
+        "amx_tile",
+    }
+)
+
+
+def machine_facts() -> dict[str, str]:
+    """What decides whether training elsewhere gives bit-identical weights, as the training run's
+    tags (reproduce.py compares them): the CPU's model and kernel features, the threads
+    TensorFlow's ops use, the GPUs. Precision and the resolved `jit_compile` are params."""
+    gpus = tf.config.list_physical_devices("GPU")
+    names = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name) for gpu in gpus]
+    # 0 means TensorFlow's default: one thread per CPU this process may run on.
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or len(os.sched_getaffinity(0))
+    return {
+        "machine.cpu": cpu_model(),
+        "machine.cpu_features": " ".join(sorted(KERNEL_FEATURES & cpu_features())),
+        "machine.cpu_count": str(os.cpu_count()),
+        "machine.threads": str(threads),
+        "machine.gpus": ", ".join(names) or "none",
+    }
 
 
 def xla_choice(setting: bool | str, features: frozenset[str], has_gpu: bool, multi_worker: bool = False) -> bool | str:

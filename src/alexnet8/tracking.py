@@ -23,6 +23,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -157,6 +158,40 @@ def provenance_tags() -> dict[str, str]:
     # Under `dvc exp run -S ...` the tree is dirty by design: params.yaml holds the experiment's values.
     tags |= {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(changes.strip())).lower()}
     return tags
+
+
+# In a training run's provenance/: what its commit lacks (reproduce.py restores or names it).
+UNCOMMITTED_DIFF = "uncommitted.diff"
+UNTRACKED_FILES = "untracked.txt"
+# The training run's tag holding model.saved_weights_digest of its model (reproduce.py compares it).
+WEIGHTS_DIGEST_TAG = "weights.sha256"
+
+
+def uncommitted_changes() -> tuple[bytes, str]:
+    """What the run's commit lacks: `git diff --binary HEAD` of the tracked files, as bytes (a
+    file's own line endings, which `git apply` needs), and the names of the untracked files git
+    does not ignore, one a line (their content is not kept). Both empty for a clean tree, or
+    outside a git checkout."""
+    try:
+        diff = subprocess.run(["git", "diff", "--binary", "HEAD"], capture_output=True, check=True).stdout
+        untracked = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return b"", ""
+    return diff, untracked
+
+
+def _log_uncommitted_changes() -> None:
+    """Into provenance/: the diff of a tree with uncommitted changes (under `dvc exp run -S`,
+    params.yaml and dvc.lock at least) and the untracked files' names; nothing for a clean tree."""
+    diff, untracked = uncommitted_changes()
+    if diff:
+        with tempfile.TemporaryDirectory(prefix="alexnet8-") as folder:
+            (Path(folder) / UNCOMMITTED_DIFF).write_bytes(diff)
+            mlflow.log_artifact(str(Path(folder) / UNCOMMITTED_DIFF), artifact_path="provenance")
+    if untracked:
+        mlflow.log_text(untracked, f"provenance/{UNTRACKED_FILES}")
 
 
 def installed_packages() -> str:
@@ -466,7 +501,8 @@ def log_run_inputs(
 ) -> None:
     """Into the active run: every param, the `derived` values (as `derived.<key>` params), the
     data set (name, the archive's md5, its URL), the provenance tags, and as artifacts the params
-    file, dvc.lock (if any), the installed packages and `description` (dataset.json)."""
+    file, dvc.lock (if any), the installed packages, `description` (dataset.json) and, from a
+    tree with uncommitted changes, their diff and the untracked files' names."""
     # The rate actually used, after lr_batch_scaling: the one to compare across batch sizes.
     derived = {"peak_learning_rate": params.train.peak_learning_rate, **(derived or {})}
     # evaluate.* belong to each evaluation's own run (start_evaluation_run), not to the training.
@@ -483,6 +519,7 @@ def log_run_inputs(
     if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
         mlflow.log_artifact("dvc.lock", artifact_path="provenance")
     mlflow.log_text(installed_packages(), "provenance/packages.txt")
+    _log_uncommitted_changes()
     # Class names, split sizes, the normalization and its statistics: what the data was.
     mlflow.log_dict(description, "provenance/dataset.json")
 

@@ -49,7 +49,7 @@ from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, disk_full, no_space_message, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.metric_names import TRAIN_HEADLINE, headline
-from alexnet8.model import initialize_conv1_whitening, portable_model
+from alexnet8.model import initialize_conv1_whitening, portable_model, saved_weights_digest
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -63,8 +63,9 @@ from alexnet8.multi_worker import (
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import TrainParams, load_params
 from alexnet8.reports import history_columns
-from alexnet8.runtime import configure_runtime, distribution_strategy
+from alexnet8.runtime import configure_runtime, distribution_strategy, machine_facts
 from alexnet8.tracking import (
+    WEIGHTS_DIGEST_TAG,
     check_tracking_server,
     default_run_name,
     failure_reason,
@@ -251,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             derived={"jit_compile": train_params.jit_compile},
         )
         mlflow.set_tag(WORKERS_TAG, str(worker.cluster.workers if worker else 1))
+        mlflow.set_tags(machine_facts())  # what decides bit-identity elsewhere (reproduce.py)
         model, history = train_model(
             train_params,
             params.seed,
@@ -268,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
         try:
             log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
+            mlflow.set_tag(WEIGHTS_DIGEST_TAG, saved_weights_digest(arguments.model))
         except MlflowException as error:  # the server is down
             raise PipelineError(
                 f"the model is trained and saved in {arguments.model}, but MLflow at {record['tracking_uri']} "
