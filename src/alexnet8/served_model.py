@@ -98,7 +98,7 @@ def version_description(class_names: list[str], views: dict, test_summary: str) 
         "AlexNet8 trained on CIFAR-10. Input, 1 to "
         f"{classifier_model.MAX_IMAGES} images per request, as image files (JPEG, PNG, WebP..., any size "
         'and mode) in base64, {"inputs": ["/9j/4AAQ...", ...]}, each turned upright (EXIF), made RGB '
-        "(transparency on white), center-cropped and resized to 32 x 32; or as uint8 RGB pixels of "
+        "(transparency on white), center-cropped and resized to 32 x 32; or as uint8 RGB pixels 0-255, "
         'shape (n, 32, 32, 3): {"inputs": [image, ...]}, or compactly {"inputs": {"pixels": [base64 of '
         "each image's 3072 bytes, ...]}}. Output: one row per image, `class` (the most probable of "
         f"{', '.join(class_names)}) and each class's probability. {view_text}. Scored as served: {test_summary}."
