@@ -3,6 +3,8 @@ docs/performance.md rests on them."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from helpers import load_script
@@ -41,17 +43,19 @@ def test_every_layer_and_the_whole_step_are_timed(layer_profile, default_params)
     assert lines[-1].startswith("| whole training step |") and "images/s" in lines[-1]
 
 
-def test_the_serving_bench_reports_images_per_second_and_percentiles():
+def test_the_serving_bench_reports_images_per_second_percentiles_and_memory_against_the_baseline():
     serving_speed = load_script("bench/serving_speed.py")
     calls = []
-    timing = serving_speed.time_calls("path", 256, 4, lambda: calls.append(1))
-    assert len(calls) == serving_speed.WARM_UP_CALLS + 4 and len(timing.seconds) == 4
-    timing = serving_speed.Timing("HTTP /invocations", 256, [0.5, 0.5, 1.0, 2.0])
+    timing = serving_speed.time_calls(serving_speed.Timing("path", "form", 256), 4, lambda: calls.append(1), 3)
+    assert len(calls) == 3 + 4 and len(timing.seconds) == 4
+    timing = serving_speed.Timing("HTTP", "raw pixels, base64", 256, [0.5, 0.5, 1.0, 2.0], peak_bytes=2**30)
+    baseline = serving_speed.Timing("in-process pyfunc", "uint8 array", 256, [0.25] * 4)
     assert timing.images_per_second == 256 * 4 / 4.0
     assert timing.percentile_ms(50) == 750 and 1950 < timing.percentile_ms(99) < 2000
-    lines = serving_speed.table([timing]).splitlines()
-    assert lines[0] == "| path | batch | calls | images/s | p50 ms | p99 ms |"
-    assert lines[2] == "| HTTP /invocations | 256 | 4 | 256.0 | 750.0 | 1,970.0 |"
+    lines = serving_speed.table([timing], baseline).splitlines()
+    assert lines[0] == "| path | input form | batch | calls | images/s | vs baseline | p50 ms | p99 ms | peak memory |"
+    assert lines[2] == "| HTTP | raw pixels, base64 | 256 | 4 | 256.0 | 0.25x | 750.0 | 1,970.0 | 1.00 GB |"
+    assert serving_speed.peak_memory(os.getpid()) > 0
 
 
 # The original script's model, in miniature and in its style: a subclassed model whose `call` takes

@@ -7,8 +7,10 @@ import io
 import json
 import logging
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import keras
@@ -16,10 +18,11 @@ import mlflow
 import numpy as np
 import pytest
 from helpers import PROJECT_ROOT
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from alexnet8 import cli, predict
-from alexnet8.classifier_model import view_config
+from alexnet8.classifier_model import images_pixels, view_config
 from alexnet8.dataset import DATASET_FILE
 from alexnet8.errors import DataError
 from alexnet8.model import build_alexnet8
@@ -180,6 +183,26 @@ def test_unreadable_files_are_named_with_their_problem(images):
         with pytest.raises(predict.UnreadableImage, match=problem) as raised:
             predict.read_image(images / name)
         assert str(raised.value).startswith(str(images / name))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """An RGB PNG of that size without pixel data: all Pillow reads before refusing a huge image."""
+
+    def chunk(kind: bytes, data: bytes = b"") -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT") + chunk(b"IEND")
+
+
+def test_a_huge_image_is_too_large_with_the_limit_said_in_predict_and_in_the_served_model(tmp_path):
+    (tmp_path / "huge.png").write_bytes(_png_header(20000, 20000))
+    too_large = "image too large: 400,000,000 pixels, the limit is 178,956,970 pixels"
+    with pytest.raises(predict.UnreadableImage, match=f"huge.png: {too_large}"):
+        predict.read_image(tmp_path / "huge.png")
+    with pytest.raises(MlflowException, match=rf"inputs\[0\]: {too_large}") as raised:
+        images_pixels([(tmp_path / "huge.png").read_bytes()])
+    assert raised.value.get_http_status_code() == 400
 
 
 # --- predicting -----------------------------------------------------------------------------

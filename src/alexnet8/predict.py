@@ -11,7 +11,10 @@ read are logged by name and the others still predicted; the exit status is then 
 
 How a file becomes the model's 32 x 32 RGB input, in this order:
 1. It is decoded completely (a truncated file fails here, not later), its first frame if animated,
-   and turned upright as its EXIF orientation says (photos from phones).
+   and turned upright as its EXIF orientation says (photos from phones). A JPEG is decoded at 1/2
+   to 1/8 scale while both sides stay at least 32 pixels (faster; within 1 level of a full decode).
+   An image of more than 178,956,970 pixels (Pillow's decompression-bomb limit, twice
+   Image.MAX_IMAGE_PIXELS) is refused as too large.
 2. Converted to 8-bit RGB: grayscale and palette images by repeating or looking up the colour;
    16-bit and 32-bit integer grayscale (I;16, I) by scaling 0-65535 to 0-255; CMYK by Pillow's
    conversion (no colour profile is applied); transparent pixels (RGBA, LA, PA, palette with
@@ -22,6 +25,7 @@ How a file becomes the model's 32 x 32 RGB input, in this order:
 4. Resized to 32 x 32 by averaging the source pixels under each target pixel (Pillow's BOX
    filter: no aliasing, no ringing), or with BICUBIC for the rare image smaller than 32 pixels.
    A 32 x 32 RGB file is used as it is, pixel for pixel.
+The served model decodes the image files sent to it with this same code (classifier_model.py).
 """
 
 from __future__ import annotations
@@ -35,10 +39,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from alexnet8 import cli
-from alexnet8.dataset import DATASET_FILE, IMAGE_SHAPE, load_description
+from alexnet8.dataset import DATASET_FILE, load_description
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_path
 from alexnet8.progress import progress_bar
@@ -49,9 +52,6 @@ DEFAULT_MODEL = "models/model.keras"
 DEFAULT_DATA = "data/prepared"
 DEFAULT_SERVED_MODEL = "models/served_model.json"  # the evaluate stage's record: the views it scored with
 BATCH_SIZE = 256  # images per forward pass: a thousand files never sit in memory at full size
-SIDE = IMAGE_SHAPE[0]
-BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as a browser or viewer shows them
-SIXTEEN_BIT_MAX = 65535
 
 # The pixels of `n` images (n x 32 x 32 x 3 uint8) -> one row per image: the column `class`
 # and one probability column per class name, as the logged MLflow model answers.
@@ -62,61 +62,25 @@ class UnreadableImage(DataError):
     """One input file is missing, not an image, or corrupt; the message names it."""
 
 
-def rgb_image(image: Image.Image) -> tuple[Image.Image, bool]:
-    """`image` as 8-bit RGB, and whether it had transparent pixels (now composited on white)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Pillow's own conversion clips these to 0-255 (a 16-bit image turns almost white): scale.
-        # 32-bit "I" is how older Pillows and some formats hold 16-bit grayscale, so it is read as 0-65535 too.
-        values = np.asarray(image, dtype=np.float64)
-        gray = np.rint(np.clip(values, 0, SIXTEEN_BIT_MAX) * (255 / SIXTEEN_BIT_MAX)).astype(np.uint8)
-        return Image.fromarray(gray).convert("RGB"), False
-    if image.mode == "RGB":
-        return image, False
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        low_alpha, _ = rgba.getchannel("A").getextrema()
-        if low_alpha < 255:
-            background = Image.new("RGBA", rgba.size, (*BACKGROUND, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB"), True
-        return rgba.convert("RGB"), False  # an alpha channel, but every pixel opaque
-    return image.convert("RGB"), False
-
-
-def model_input(image: Image.Image) -> np.ndarray:
-    """An RGB image -> 32 x 32 x 3 uint8 pixels: the central square of the short side, resized
-    with BOX (the mean of the source pixels each target pixel covers), BICUBIC when enlarging."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    method = Image.Resampling.BOX if side >= SIDE else Image.Resampling.BICUBIC
-    # At 32 x 32 the box is the whole image and Pillow returns an exact copy: pixels unchanged.
-    resized = image.resize((SIDE, SIDE), method, box=(left, top, left + side, top + side))
-    return np.asarray(resized, dtype=np.uint8)
-
-
 def read_image(path: str | Path) -> tuple[np.ndarray, bool]:
     """The model's input for one image file (see the module docstring), and whether transparent
-    pixels were composited on white; UnreadableImage naming the file if it can not be."""
+    pixels were composited on white; UnreadableImage naming the file if it can not be.
+
+    Decoded by the served model's own code (classifier_model.decode_image): the server, given the
+    same file, predicts the same pixels."""
+    from alexnet8.classifier_model import ImageError, decode_image  # imports MLflow: not for --help
+
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now: a truncated file raises here, inside the try
-            upright = ImageOps.exif_transpose(image)
-            rgb, composited = rgb_image(upright)
-            return model_input(rgb), composited
+        return decode_image(path.read_bytes())
     except FileNotFoundError:
         raise UnreadableImage(f"{path}: no such file") from None
     except IsADirectoryError:
         raise UnreadableImage(f"{path}: is a directory, not an image file") from None
     except PermissionError:
         raise UnreadableImage(f"{path}: permission denied") from None
-    except UnidentifiedImageError:
-        raise UnreadableImage(f"{path}: not an image file Pillow can read") from None
-    except Exception as error:
-        # Pillow's decoders report a corrupt or truncated file with many exception types (OSError,
-        # SyntaxError, ValueError, EOFError, struct.error, zlib.error, DecompressionBombError):
-        # whichever it is, it is this file's problem, and the other files are still predicted.
-        raise UnreadableImage(f"{path}: corrupt or truncated image ({type(error).__name__}: {error})") from None
+    except (ImageError, OSError) as error:
+        raise UnreadableImage(f"{path}: {error}") from None
 
 
 def predict_files(
