@@ -252,7 +252,9 @@ def test_an_edited_param_shows_in_params_diff_and_reruns_only_what_depends_on_it
 
 def test_dvc_exp_show_after_one_changed_param_fits_160_columns_and_the_readmes_command_80(project):
     """The changed param in full (DVC ends the header with `…` for the columns that do not fit:
-    here the md5s of changed dependencies and outputs)."""
+    here the md5s of changed dependencies and outputs). The workspace is committed first, as the
+    README's step 3 does, so the table holds that baseline and this one experiment."""
+    commit_all(project, "baseline for the width of dvc exp show")
     _run(["dvc", "exp", "run", "-n", "width", "-S", "train.learning_rate=0.0007"], project)
     for columns, drop in ((160, []), (80, ["--drop", "Created|.*loss|val.*|.*/.*"])):
         environment = activated_environment(COLUMNS=str(columns))
