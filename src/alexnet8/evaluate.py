@@ -136,11 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mlflow.log_table(per_class_table(test["per_class_accuracy"], labels, class_names), PER_CLASS_TABLE)
         version = logged.registered_model_version
         if version is not None:
-            name = params.mlflow.registered_model_name
-            mlflow.MlflowClient().update_model_version(
-                name, str(version), version_description(class_names, views, evaluation.describe())
-            )
-            promote(name, str(version), evaluation)
+            register(params.mlflow.registered_model_name, str(version), evaluation, class_names, views)
         write_json(arguments.metrics, headline(metrics, EVALUATE_HEADLINE))
         write_predictions(arguments.predictions, labels, predicted, class_names)
         mlflow.log_artifact(arguments.metrics)
@@ -161,6 +157,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         metrics["test/loss"],
         metrics["val_served/accuracy"],
     )
+
+
+def register(name: str, version: str, evaluation: Evaluation, class_names: list[str], views: dict) -> None:
+    """Describe the new version of `name` (what it takes and answers, how it scored), then promote it."""
+    description = version_description(class_names, views, evaluation.describe())
+    mlflow.MlflowClient().update_model_version(name, version, description)
+    promote(name, version, evaluation)
 
 
 def training_run_name(training: dict) -> str:
