@@ -93,6 +93,16 @@ def commit_all(folder: Path, message: str) -> None:
     run_command(["git", *identity, "commit", "-qm", message], folder, minimal_environment())
 
 
+def committed_repository(folder: Path, files: dict[str, str]) -> Path:
+    """A new git repository at `folder` whose one commit holds `files` (relative path -> text)."""
+    folder.mkdir(parents=True)
+    for relative, text in files.items():
+        (folder / relative).write_text(text)
+    run_command(["git", "init", "-q"], folder, minimal_environment())
+    commit_all(folder, "first")
+    return folder
+
+
 def fresh_clone(destination: Path) -> Path:
     """A new git repository at `destination` holding the project as a clone of it would: the
     files git tracks or would track (untracked, not ignored), as they are in the working tree,

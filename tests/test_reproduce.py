@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import commit_all, fresh_clone, minimal_environment, run_command, write_params
+from helpers import commit_all, committed_repository, fresh_clone, minimal_environment, run_command, write_params
 from test_stack import stack  # noqa: F401  the team stack of a fresh clone, up on free ports (a fixture)
 
 from alexnet8.errors import PipelineError
@@ -236,11 +236,7 @@ def test_a_run_from_a_dirty_tree_restores_its_changes_and_names_what_it_cannot(p
 
 @pipeline
 def test_a_commit_missing_from_the_clone_is_named_and_nothing_is_made(project, tmp_path):
-    other = tmp_path / "other-clone"
-    other.mkdir()
-    (other / "README.md").write_text("another history\n")
-    run_command(["git", "init", "-q"], other, minimal_environment())
-    commit_all(other, "unrelated")
+    other = committed_repository(tmp_path / "other-clone", {"README.md": "another history\n"})
     result = subprocess.run(
         [sys.executable, "-m", "alexnet8.reproduce", "models:/alexnet8-cifar10/1"],
         cwd=other,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from helpers import commit_all, minimal_environment, run_command
+from helpers import committed_repository
 from mlflow.exceptions import MlflowException
 
 from alexnet8 import local_store, tracking
@@ -198,11 +198,7 @@ def test_a_run_ended_while_the_server_is_gone_says_why_its_status_was_not_taken(
 
 
 def test_a_tree_with_uncommitted_changes_gives_their_diff_and_the_untracked_names(tmp_path, monkeypatch):
-    repository = tmp_path / "repository"
-    repository.mkdir()
-    (repository / "model.py").write_text("units = 16\n")
-    run_command(["git", "init", "-q"], repository, minimal_environment())
-    commit_all(repository, "first")
+    repository = committed_repository(tmp_path / "repository", {"model.py": "units = 16\n"})
     monkeypatch.chdir(repository)
     assert tracking.uncommitted_changes() == (b"", "")
     (repository / "model.py").write_bytes(b"units = 32\r\n")  # a file's own line endings are kept
