@@ -54,8 +54,3 @@ def nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
         group, _, measure = name.partition("/")
         groups.setdefault(group, {})[measure] = value
     return groups
-
-
-def flat(groups: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The inverse of `nested`: MLflow's form."""
-    return {f"{group}/{measure}": value for group, measures in groups.items() for measure, value in measures.items()}
