@@ -116,7 +116,7 @@ def parse_config(text: str) -> tuple[str, dict]:
     return name, overrides
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archive", nargs="?")
     parser.add_argument(
@@ -134,11 +134,47 @@ def main() -> None:
     )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    if not arguments.worker and not (arguments.archive and arguments.reference):
+        parser.error("ARCHIVE and --reference are required")
+    return arguments
+
+
+def round_commands(
+    arguments: argparse.Namespace, references: dict[str, str], configs: dict[str, dict], prepared: Path
+) -> list[tuple[str, list[str]]]:
+    """One round's runs, (name, command): each reference script as written, then each of our configurations."""
+    images = str(arguments.train_images)
+    runs = [
+        (name, [sys.executable, script, arguments.archive, "--train-images", images, "--epochs", "1"])
+        for name, script in references.items()
+    ]
+    runs += [
+        (name, [sys.executable, __file__, "--worker", str(prepared), images, json.dumps(overrides)])
+        for name, overrides in configs.items()
+    ]
+    return runs
+
+
+def print_medians(results: dict[str, list[tuple[float, float]]], configs: dict[str, dict]) -> None:
+    """Each run's median speed and peak memory, and their ratios to the reference's (and to ref-intended's)."""
+    reference_speed = statistics.median(speed for speed, _ in results["reference"])
+    reference_memory = statistics.median(memory for _, memory in results["reference"])
+    intended_speed = statistics.median(speed for speed, _ in results.get("ref-intended", [(0.0, 0.0)]))
+    for name, values in results.items():
+        speed = statistics.median(value for value, _ in values)
+        memory = statistics.median(value for _, value in values)
+        against_intended = f", {speed / intended_speed:.2f}x ref-intended" if intended_speed else ""
+        print(
+            f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference{against_intended}), "
+            f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}"
+        )
+
+
+def main() -> None:
+    arguments = parse_arguments()
     if arguments.worker:
         worker(arguments.worker[0], int(arguments.worker[1]), json.loads(arguments.worker[2]))
         return
-    if not arguments.archive or not arguments.reference:
-        parser.error("ARCHIVE and --reference are required")
 
     from alexnet8.params import load_params
     from alexnet8.preprocess import preprocess
@@ -154,58 +190,18 @@ def main() -> None:
         prepared = Path(folder) / "prepared"
         preprocess(arguments.archive, prepared, params.preprocess, params.seed)
         for round_number in range(1, arguments.rounds + 1):
-            runs = [
-                (
-                    name,
-                    [
-                        sys.executable,
-                        script,
-                        arguments.archive,
-                        "--train-images",
-                        str(arguments.train_images),
-                        "--epochs",
-                        "1",
-                    ],
-                )
-                for name, script in references.items()
-            ]
-            runs += [
-                (
-                    name,
-                    [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        str(prepared),
-                        str(arguments.train_images),
-                        json.dumps(overrides),
-                    ],
-                )
-                for name, overrides in configs.items()
-            ]
-            for name, command in runs:
+            for name, command in round_commands(arguments, references, configs, prepared):
                 images_per_second, peak_mb, _ = measure(command)
                 results[name].append((images_per_second, peak_mb))
                 print(
                     f"round {round_number} {name:>12}: {images_per_second:7.2f} images/s, peak RSS {peak_mb:7.0f} MB",
                     flush=True,
                 )
-
-    reference_speed = statistics.median(speed for speed, _ in results["reference"])
-    reference_memory = statistics.median(memory for _, memory in results["reference"])
     print(
         f"\nmedian of {arguments.rounds} rounds, {arguments.train_images} training images, "
         f"batch {params.train.batch_size}:"
     )
-    intended_speed = statistics.median(speed for speed, _ in results.get("ref-intended", [(0.0, 0.0)]))
-    for name, values in results.items():
-        speed = statistics.median(value for value, _ in values)
-        memory = statistics.median(value for _, value in values)
-        against_intended = f", {speed / intended_speed:.2f}x ref-intended" if intended_speed else ""
-        print(
-            f"{name:>12}: {speed:7.2f} images/s ({speed / reference_speed:.2f}x reference{against_intended}), "
-            f"peak RSS {memory:6.0f} MB ({memory / reference_memory:.2f}x reference)  {configs.get(name, '')}"
-        )
+    print_medians(results, configs)
 
 
 if __name__ == "__main__":
