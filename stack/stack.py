@@ -63,7 +63,13 @@ DATABASE_USER = "mlflow"
 TRACKING_DATABASE = "mlflow"
 AUTH_DATABASE = "mlflow_auth"
 DVC_REMOTE = "stack"
-MLFLOW_WORKERS = 2  # uvicorn workers; the machines this runs on have 2 cores
+# The region S3 clients sign requests for; SeaweedFS accepts any, boto3 needs one.
+S3_REGION = "us-east-1"
+# The MLflow server's uvicorn workers, one per core within these bounds (mlflow_workers): a second
+# worker answers while one serves a long artifact upload or download; each is a copy of the whole
+# server app in memory, and beyond a few a team's traffic gains nothing.
+MIN_MLFLOW_WORKERS = 2
+MAX_MLFLOW_WORKERS = 4
 AUTH_CACHE_SECONDS = 60  # how long an MLflow worker trusts a password it checked (basic_auth.ini)
 # SeaweedFS' internal servers listen on the ports after the S3 port, and on those + 10000 for gRPC.
 SEAWEEDFS_PORT_OFFSETS = {"master": 1, "volume": 2, "filer": 3}
@@ -188,36 +194,33 @@ def make_private(path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-class Stack:
-    """The three servers of one state folder."""
+@dataclass
+class StackState:
+    """A stack's state folder and what is recorded in its stack.json: the settings and the secrets
+    (both None until the first `up`)."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.state_file = folder / "stack.json"
-        self.settings: Settings | None = None
-        self.secrets: Secrets | None = None
-        if self.state_file.exists():
-            state = json.loads(self.state_file.read_text(encoding="utf-8"))
-            self.settings = Settings(**state["settings"])
-            self.secrets = Secrets(**state["secrets"])
+    folder: Path
+    settings: Settings | None = None
+    secrets: Secrets | None = None
 
-    # State
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "stack.json"
+
+    @classmethod
+    def load(cls, folder: Path) -> StackState:
+        state = cls(folder)
+        if state.state_file.exists():
+            recorded = json.loads(state.state_file.read_text(encoding="utf-8"))
+            state.settings = Settings(**recorded["settings"])
+            state.secrets = Secrets(**recorded["secrets"])
+        return state
 
     def initialize(self) -> None:
-        """At the first `up`: the settings from the environment and new secrets, in stack.json."""
+        """At the first `up`: the settings from the environment and new secrets, in stack.json.
+        Later, a STACK_* variable that differs from the recorded setting is ignored, with a warning."""
         if self.settings is not None:
-            requested = Settings.from_environment()
-            for field in fields(Settings):
-                variable = f"STACK_{field.name.upper()}"
-                if os.environ.get(variable) and getattr(requested, field.name) != getattr(self.settings, field.name):
-                    logger.warning(
-                        "%s=%s ignored: this stack was set up with %s=%s (%s)",
-                        variable,
-                        os.environ[variable],
-                        field.name,
-                        getattr(self.settings, field.name),
-                        self.state_file,
-                    )
+            self._warn_about_ignored_settings()
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
@@ -229,13 +232,33 @@ class Stack:
         )
         logger.info("new stack in %s (settings and generated passwords and keys in %s)", self.folder, self.state_file)
 
+    def _warn_about_ignored_settings(self) -> None:
+        requested = Settings.from_environment()
+        for field in fields(Settings):
+            variable = f"STACK_{field.name.upper()}"
+            if os.environ.get(variable) and getattr(requested, field.name) != getattr(self.settings, field.name):
+                logger.warning(
+                    "%s=%s ignored: this stack was set up with %s=%s (%s)",
+                    variable,
+                    os.environ[variable],
+                    field.name,
+                    getattr(self.settings, field.name),
+                    self.state_file,
+                )
+
+
+class ProcessSupervisor:
+    """Starts the servers of one state folder, each in a session of its own, records their pids,
+    waits until they answer and stops them with all they spawned."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
     def log_file(self, component: str) -> Path:
         return self.folder / f"{component}.log"
 
     def pid_file(self, component: str) -> Path:
         return self.folder / f"{component}.pid"
-
-    # Processes
 
     def running_pid(self, component: str) -> int | None:
         """The pid of the component's server, if the process `up` started is still alive."""
@@ -322,75 +345,52 @@ class Stack:
             tail = "\nlast lines of the log:\n  " + "\n  ".join(lines)
         return f"{component} did not come up: {what}. Its log: {log}{tail}"
 
-    # up / down / status
 
-    def up(self) -> None:
-        self.initialize()
-        for component in COMPONENTS:
-            pid = self.running_pid(component)
-            if pid is None:
-                getattr(self, f"start_{component}")()
-                continue
-            try:
-                getattr(self, f"check_{component}")()
-            except Exception as error:
-                raise StackError(
-                    self.failure(
-                        component, f"it runs (pid {pid}) but does not answer ({error}); `make stack-down` stops it"
-                    )
-                ) from None
-            logger.info("%s is already running (pid %d)", component, pid)
-        self.write_client_environment()
-        self.add_dvc_remote(PROJECT)
-        logger.info(
-            "the stack is up: MLflow at %s (user %s), artifacts and DVC's remote `%s` in s3://%s at %s. "
-            "Clients: source %s",
-            self.settings.tracking_uri,
-            ADMIN_USER,
-            DVC_REMOTE,
-            self.settings.bucket,
-            self.settings.s3_endpoint,
-            self.folder / "env",
-        )
+class Service:
+    """One server of the stack: how to configure and start it, and how to check that it answers."""
 
-    def down(self) -> None:
-        stopped = [component for component in reversed(COMPONENTS) if self.stop(component)]
-        if not stopped:
-            logger.info("nothing was running")
+    name = ""
 
-    def status(self) -> bool:
-        if self.settings is None:
-            logger.info("no stack in %s: `make stack-up` makes one", self.folder)
-            return False
-        up = True
-        for component in COMPONENTS:
-            pid = self.running_pid(component)
-            if pid is None:
-                logger.info("%-9s not running", component)
-                up = False
-                continue
-            try:
-                getattr(self, f"check_{component}")()
-                logger.info("%-9s running (pid %d), answers", component, pid)
-            except Exception as error:
-                logger.info("%-9s running (pid %d), does not answer: %s", component, pid, error)
-                up = False
-        return up
+    def __init__(self, state: StackState, supervisor: ProcessSupervisor):
+        self.state, self.supervisor = state, supervisor
 
-    # PostgreSQL
+    @property
+    def folder(self) -> Path:
+        return self.state.folder
 
-    def postgres_command(self, program: str, *arguments: str) -> list[str]:
+    @property
+    def settings(self) -> Settings:
+        return self.state.settings
+
+    @property
+    def secrets(self) -> Secrets:
+        return self.state.secrets
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Return if the server answers; raise (any error) if it does not."""
+        raise NotImplementedError
+
+
+class PostgresService(Service):
+    """PostgreSQL, MLflow's backend store: its database cluster, the `mlflow` user and databases."""
+
+    name = "postgres"
+
+    def command(self, program: str, *arguments: str) -> list[str]:
         return as_unprivileged([str(postgres_programs() / program), *arguments])
 
-    def start_postgres(self) -> None:
+    def start(self) -> None:
         data = self.folder / "postgres" / "data"
         port = self.settings.postgres_port
         ensure_free("postgres", "127.0.0.1", port, "STACK_POSTGRES_PORT")
         if not (data / "PG_VERSION").exists():
-            self.initialize_postgres(data)
-        process = self.start_process(
+            self.initialize_cluster(data)
+        process = self.supervisor.start_process(
             "postgres",
-            self.postgres_command(
+            self.command(
                 "postgres",
                 "-D",
                 str(data),
@@ -404,20 +404,21 @@ class Stack:
             server_environment(),
             self.folder,
         )
-        logger.info("starting postgres on 127.0.0.1:%d (pid %d, log %s)", port, process.pid, self.log_file("postgres"))
-        self.wait_until_up("postgres", process, self.check_postgres)
+        log = self.supervisor.log_file("postgres")
+        logger.info("starting postgres on 127.0.0.1:%d (pid %d, log %s)", port, process.pid, log)
+        self.supervisor.wait_until_up("postgres", process, self.check)
         self.create_databases()
 
-    def initialize_postgres(self, data: Path) -> None:
+    def initialize_cluster(self, data: Path) -> None:
         logger.info("creating the PostgreSQL database cluster in %s", data)
         data.parent.mkdir(parents=True, exist_ok=True)
         data.parent.chmod(0o700)
         password_file = data.parent / ".initdb-password"
         write_private(password_file, self.secrets.postgres_password + "\n")
         try:
-            with open(self.log_file("postgres"), "ab") as log:
+            with open(self.supervisor.log_file("postgres"), "ab") as log:
                 result = subprocess.run(
-                    self.postgres_command(
+                    self.command(
                         "initdb",
                         "-D",
                         str(data),
@@ -437,9 +438,9 @@ class Stack:
             password_file.unlink(missing_ok=True)
         if result.returncode != 0:
             shutil.rmtree(data, ignore_errors=True)
-            raise StackError(self.failure("postgres", f"initdb failed with status {result.returncode}"))
+            raise StackError(self.supervisor.failure("postgres", f"initdb failed with status {result.returncode}"))
 
-    def connect_postgres(self, database: str = "postgres"):
+    def connect(self, database: str = "postgres"):
         import psycopg2
 
         return psycopg2.connect(
@@ -451,15 +452,15 @@ class Stack:
             connect_timeout=3,
         )
 
-    def check_postgres(self) -> None:
-        with contextlib.closing(self.connect_postgres()) as connection, connection.cursor() as cursor:
+    def check(self) -> None:
+        with contextlib.closing(self.connect()) as connection, connection.cursor() as cursor:
             cursor.execute("SELECT 1")
 
     def create_databases(self) -> None:
         """The `mlflow` user and its two databases (runs and models; the auth app's users), once."""
         from psycopg2 import sql
 
-        with contextlib.closing(self.connect_postgres()) as connection:
+        with contextlib.closing(self.connect()) as connection:
             connection.autocommit = True  # CREATE DATABASE runs outside transactions
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (DATABASE_USER,))
@@ -478,9 +479,13 @@ class Stack:
                         )
                         logger.info("created database %s", database)
 
-    # SeaweedFS
 
-    def start_seaweedfs(self) -> None:
+class SeaweedfsService(Service):
+    """SeaweedFS, the S3 object store: its keys, the keys that lock its internal ports, the bucket."""
+
+    name = "seaweedfs"
+
+    def start(self) -> None:
         folder = self.folder / "seaweedfs"
         (folder / "data").mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -488,21 +493,21 @@ class Stack:
         for name, port in ports.items():
             host = self.settings.host if name == "s3" else "127.0.0.1"
             ensure_free(f"seaweedfs ({name})", host, port, "STACK_S3_PORT")
-        self.write_seaweedfs_config(folder)
+        self.write_config(folder)
         command = [seaweedfs_program(), "server", *seaweedfs_server_arguments(self.settings, folder)]
         # `weed` reads security.toml from its working folder.
-        process = self.start_process("seaweedfs", command, server_environment(), folder)
+        process = self.supervisor.start_process("seaweedfs", command, server_environment(), folder)
         logger.info(
             "starting seaweedfs, S3 on %s:%d (pid %d, log %s)",
             self.settings.host,
             ports["s3"],
             process.pid,
-            self.log_file("seaweedfs"),
+            self.supervisor.log_file("seaweedfs"),
         )
-        self.wait_until_up("seaweedfs", process, self.check_seaweedfs)
+        self.supervisor.wait_until_up("seaweedfs", process, self.check)
         self.create_bucket()
 
-    def write_seaweedfs_config(self, folder: Path) -> None:
+    def write_config(self, folder: Path) -> None:
         identity = {
             "name": "stack",
             "credentials": [{"accessKey": self.secrets.s3_access_key, "secretKey": self.secrets.s3_secret_key}],
@@ -529,11 +534,11 @@ class Stack:
             endpoint_url=self.settings.local_s3_endpoint,
             aws_access_key_id=self.secrets.s3_access_key,
             aws_secret_access_key=self.secrets.s3_secret_key,
-            region_name="us-east-1",
+            region_name=S3_REGION,
             config=Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}),
         )
 
-    def check_seaweedfs(self) -> None:
+    def check(self) -> None:
         self.s3_client().list_buckets()
 
     def create_bucket(self) -> None:
@@ -542,9 +547,13 @@ class Stack:
             client.create_bucket(Bucket=self.settings.bucket)
             logger.info("created bucket %s", self.settings.bucket)
 
-    # MLflow
 
-    def mlflow_environment(self) -> dict[str, str]:
+class MlflowService(Service):
+    """The MLflow tracking server: basic auth in front, PostgreSQL behind, artifacts served from S3."""
+
+    name = "mlflow"
+
+    def environment(self) -> dict[str, str]:
         folder = self.folder / "mlflow"
         return server_environment() | {
             "MLFLOW_AUTH_CONFIG_PATH": str(folder / "basic_auth.ini"),
@@ -555,14 +564,14 @@ class Stack:
             "MLFLOW_S3_ENDPOINT_URL": self.settings.local_s3_endpoint,
             "AWS_ACCESS_KEY_ID": self.secrets.s3_access_key,
             "AWS_SECRET_ACCESS_KEY": self.secrets.s3_secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": S3_REGION,
             "AWS_CONFIG_FILE": os.devnull,  # nothing of the user's AWS profiles
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             # MLflow's job runner (GenAI scorers, trace rollups): seven more processes, ~1.6 GB, unused here.
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
 
-    def write_mlflow_config(self) -> None:
+    def write_config(self) -> None:
         folder = self.folder / "mlflow"
         folder.mkdir(parents=True, exist_ok=True)
         folder.chmod(0o700)
@@ -576,41 +585,32 @@ class Stack:
             "# password when the auth database has no admin yet; it is ignored after that.\n"
             "[mlflow]\n"
             "default_permission = READ\n"
-            f"database_uri = {self.database_uri(AUTH_DATABASE)}\n"
+            f"database_uri = {database_uri(self.settings, AUTH_DATABASE)}\n"
             f"admin_username = {ADMIN_USER}\n"
             f"admin_password = {self.secrets.admin_password}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
             "# Each password check costs ~0.3 s of CPU (PBKDF2) on every request; a worker remembers a\n"
             "# successful one this long. A password changed through the API is dropped at once by the\n"
-            "# worker that handled the change, by the other worker within this time (docs/team.md).\n"
+            "# worker that handled the change, by the other workers within this time (docs/team.md).\n"
             f"auth_cache_ttl_seconds = {AUTH_CACHE_SECONDS}\n",
         )
 
-    def database_uri(self, database: str) -> str:
-        # +psycopg2: the driver the lock holds (SQLAlchemy 2.1's default for postgresql:// is psycopg 3)
-        return f"postgresql+psycopg2://{DATABASE_USER}@127.0.0.1:{self.settings.postgres_port}/{database}"
-
-    def start_mlflow(self) -> None:
+    def start(self) -> None:
         ensure_free("mlflow", self.settings.host, self.settings.mlflow_port, "STACK_MLFLOW_PORT")
-        self.write_mlflow_config()
-        command = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            *mlflow_server_arguments(self.settings, self.database_uri(TRACKING_DATABASE)),
-        ]
-        process = self.start_process("mlflow", command, self.mlflow_environment(), self.folder / "mlflow")
+        self.write_config()
+        arguments = mlflow_server_arguments(self.settings, database_uri(self.settings, TRACKING_DATABASE))
+        command = [sys.executable, "-m", "mlflow", "server", *arguments]
+        process = self.supervisor.start_process("mlflow", command, self.environment(), self.folder / "mlflow")
         logger.info(
             "starting mlflow on %s:%d (pid %d, log %s)",
             self.settings.host,
             self.settings.mlflow_port,
             process.pid,
-            self.log_file("mlflow"),
+            self.supervisor.log_file("mlflow"),
         )
-        self.wait_until_up("mlflow", process, self.check_mlflow)
+        self.supervisor.wait_until_up("mlflow", process, self.check)
 
-    def check_mlflow(self) -> None:
+    def check(self) -> None:
         base = f"http://127.0.0.1:{self.settings.mlflow_port}"
         with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
             response.read()
@@ -622,18 +622,24 @@ class Stack:
         with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
 
-    # Clients
 
-    def write_client_environment(self) -> None:
+class ClientSetup:
+    """What clients use the stack with: `.stack/env` (MLflow's URI and credentials) and the DVC remote."""
+
+    def __init__(self, state: StackState):
+        self.state = state
+
+    def write_environment(self) -> None:
+        settings, secrets = self.state.settings, self.state.secrets
         write_private(
-            self.folder / "env",
+            self.state.folder / "env",
             "# The team stack's MLflow server, for clients (written by `make stack-up`):\n"
             "#   source .stack/env && dvc repro\n"
             "# Artifacts go through the server (--serve-artifacts), so clients need no S3 keys;\n"
             f"# DVC's remote `{DVC_REMOTE}` has its own, in .dvc/config.local.\n"
-            f"export MLFLOW_TRACKING_URI={self.settings.tracking_uri}\n"
+            f"export MLFLOW_TRACKING_URI={settings.tracking_uri}\n"
             f"export MLFLOW_TRACKING_USERNAME={ADMIN_USER}\n"
-            f"export MLFLOW_TRACKING_PASSWORD={self.secrets.admin_password}\n",
+            f"export MLFLOW_TRACKING_PASSWORD={secrets.admin_password}\n",
         )
 
     def add_dvc_remote(self, project: Path) -> None:
@@ -641,14 +647,15 @@ class Stack:
         if not (project / ".dvc").is_dir():
             logger.warning("%s is not a DVC project: no DVC remote added", project)
             return
+        settings, secrets = self.state.settings, self.state.secrets
         dvc = str(Path(sys.executable).with_name("dvc"))
-        settings = {
-            "endpointurl": self.settings.s3_endpoint,
-            "access_key_id": self.secrets.s3_access_key,
-            "secret_access_key": self.secrets.s3_secret_key,
+        options = {
+            "endpointurl": settings.s3_endpoint,
+            "access_key_id": secrets.s3_access_key,
+            "secret_access_key": secrets.s3_secret_key,
         }
-        commands = [[dvc, "remote", "add", "--local", "--force", DVC_REMOTE, self.settings.dvc_remote_url]]
-        commands += [[dvc, "remote", "modify", "--local", DVC_REMOTE, key, value] for key, value in settings.items()]
+        commands = [[dvc, "remote", "add", "--local", "--force", DVC_REMOTE, settings.dvc_remote_url]]
+        commands += [[dvc, "remote", "modify", "--local", DVC_REMOTE, key, value] for key, value in options.items()]
         # The keys go into a file that only its owner reads, from the first byte on (DVC creates
         # its config files with the umask's mode, and rewrites them in place).
         make_private(project / ".dvc/config.local")
@@ -656,9 +663,81 @@ class Stack:
             result = subprocess.run(command, cwd=project, capture_output=True, text=True, umask=0o077)
             if result.returncode != 0:
                 raise StackError(f"could not add the DVC remote `{DVC_REMOTE}`: {result.stderr.strip()}")
+        logger.info("DVC remote `%s` (%s) in %s", DVC_REMOTE, settings.dvc_remote_url, project / ".dvc/config.local")
+
+
+class Stack:
+    """The three servers of one state folder: `up`, `down` and `status`."""
+
+    def __init__(self, folder: Path):
+        self.state = StackState.load(folder)
+        self.supervisor = ProcessSupervisor(folder)
+        classes = {service.name: service for service in (PostgresService, SeaweedfsService, MlflowService)}
+        self.services = {component: classes[component](self.state, self.supervisor) for component in COMPONENTS}
+
+    def up(self) -> None:
+        self.state.initialize()
+        for component, service in self.services.items():
+            pid = self.supervisor.running_pid(component)
+            if pid is None:
+                service.start()
+                continue
+            try:
+                service.check()
+            except Exception as error:
+                problem = f"it runs (pid {pid}) but does not answer ({error}); `make stack-down` stops it"
+                raise StackError(self.supervisor.failure(component, problem)) from None
+            logger.info("%s is already running (pid %d)", component, pid)
+        clients = ClientSetup(self.state)
+        clients.write_environment()
+        clients.add_dvc_remote(PROJECT)
+        settings = self.state.settings
         logger.info(
-            "DVC remote `%s` (%s) in %s", DVC_REMOTE, self.settings.dvc_remote_url, project / ".dvc/config.local"
+            "the stack is up: MLflow at %s (user %s), artifacts and DVC's remote `%s` in s3://%s at %s. "
+            "Clients: source %s",
+            settings.tracking_uri,
+            ADMIN_USER,
+            DVC_REMOTE,
+            settings.bucket,
+            settings.s3_endpoint,
+            self.state.folder / "env",
         )
+
+    def down(self) -> None:
+        stopped = [component for component in reversed(COMPONENTS) if self.supervisor.stop(component)]
+        if not stopped:
+            logger.info("nothing was running")
+
+    def status(self) -> bool:
+        if self.state.settings is None:
+            logger.info("no stack in %s: `make stack-up` makes one", self.state.folder)
+            return False
+        up = True
+        for component, service in self.services.items():
+            pid = self.supervisor.running_pid(component)
+            if pid is None:
+                logger.info("%-9s not running", component)
+                up = False
+                continue
+            try:
+                service.check()
+                logger.info("%-9s running (pid %d), answers", component, pid)
+            except Exception as error:
+                logger.info("%-9s running (pid %d), does not answer: %s", component, pid, error)
+                up = False
+        return up
+
+
+def database_uri(settings: Settings, database: str) -> str:
+    """How the MLflow server reaches one of its databases (the password is in PGPASSFILE)."""
+    # +psycopg2: the driver the lock holds (SQLAlchemy 2.1's default for postgresql:// is psycopg 3)
+    return f"postgresql+psycopg2://{DATABASE_USER}@127.0.0.1:{settings.postgres_port}/{database}"
+
+
+def mlflow_workers(cpus: int | None = None) -> int:
+    """The MLflow server's uvicorn workers: one per core of this machine, from MIN_ to MAX_MLFLOW_WORKERS."""
+    cpus = cpus if cpus is not None else os.cpu_count() or MIN_MLFLOW_WORKERS
+    return max(MIN_MLFLOW_WORKERS, min(cpus, MAX_MLFLOW_WORKERS))
 
 
 def seaweedfs_server_arguments(settings: Settings, folder: Path) -> list[str]:
@@ -692,8 +771,9 @@ def seaweedfs_server_arguments(settings: Settings, folder: Path) -> list[str]:
     ]
 
 
-def mlflow_server_arguments(settings: Settings, backend_store_uri: str) -> list[str]:
-    """`mlflow server`'s options; compose.yaml gives the same ones (tests/test_stack.py checks)."""
+def mlflow_server_arguments(settings: Settings, backend_store_uri: str, workers: int | None = None) -> list[str]:
+    """`mlflow server`'s options, with `workers` (default: mlflow_workers()); compose.yaml gives the
+    same ones (tests/test_compose.py checks)."""
     return [
         "--backend-store-uri",
         backend_store_uri,
@@ -709,7 +789,7 @@ def mlflow_server_arguments(settings: Settings, backend_store_uri: str) -> list[
         "--app-name",
         "basic-auth",
         "--workers",
-        str(MLFLOW_WORKERS),
+        str(workers or mlflow_workers()),
     ]
 
 

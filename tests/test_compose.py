@@ -63,7 +63,9 @@ def test_the_mlflow_image_gets_the_locked_clients():
 
 
 def test_mlflow_server_has_the_same_flags():
-    ours = options(stack_script.mlflow_server_arguments(SETTINGS, "postgresql+psycopg2://mlflow@127.0.0.1:5433/mlflow"))
+    # compose.yaml cannot know the host's cores: its server runs the fewest workers stack.py starts.
+    uri = "postgresql+psycopg2://mlflow@127.0.0.1:5433/mlflow"
+    ours = options(stack_script.mlflow_server_arguments(SETTINGS, uri, workers=stack_script.MIN_MLFLOW_WORKERS))
     theirs = options(mlflow_command())
     assert set(theirs) == set(ours)
     # Inside its container the server listens on the container's interface; the host publishes it
@@ -78,10 +80,8 @@ def test_mlflow_server_has_the_same_flags():
 
 def test_mlflow_server_has_the_same_environment():
     environment = SERVICES["mlflow"]["environment"]
-    stack = stack_script.Stack.__new__(stack_script.Stack)
-    stack.folder, stack.settings = Path("/state"), SETTINGS
-    stack.secrets = stack_script.Secrets.generate()
-    ours = stack.mlflow_environment()
+    state = stack_script.StackState(Path("/state"), SETTINGS, stack_script.Secrets.generate())
+    ours = stack_script.MlflowService(state, stack_script.ProcessSupervisor(state.folder)).environment()
     for name in ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "AWS_DEFAULT_REGION"):
         assert environment[name] == ours[name], name
     for name in ("MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_S3_ENDPOINT_URL"):
@@ -89,15 +89,14 @@ def test_mlflow_server_has_the_same_environment():
 
 
 def test_the_auth_app_has_the_same_settings(tmp_path):
-    stack = stack_script.Stack.__new__(stack_script.Stack)
-    stack.folder, stack.settings, stack.secrets = tmp_path, SETTINGS, stack_script.Secrets.generate()
-    stack.write_mlflow_config()
+    state = stack_script.StackState(tmp_path, SETTINGS, stack_script.Secrets.generate())
+    stack_script.MlflowService(state, stack_script.ProcessSupervisor(tmp_path)).write_config()
     ours, theirs = configparser.ConfigParser(), configparser.ConfigParser()
     ours.read(tmp_path / "mlflow/basic_auth.ini")
     theirs.read_string(COMPOSE["configs"]["basic_auth"]["content"])
     ours, theirs = dict(ours["mlflow"]), dict(theirs["mlflow"])
     # compose.yaml gives the admin password as MLFLOW_AUTH_ADMIN_PASSWORD, from .env.
-    assert ours.pop("admin_password") == stack.secrets.admin_password and "admin_password" not in theirs
+    assert ours.pop("admin_password") == state.secrets.admin_password and "admin_password" not in theirs
     assert urlparse(ours.pop("database_uri")).path == urlparse(theirs.pop("database_uri")).path == "/mlflow_auth"
     assert theirs == ours
     assert "MLFLOW_AUTH_ADMIN_PASSWORD" in SERVICES["mlflow"]["environment"]

@@ -133,7 +133,7 @@ class Stack:
             endpoint_url=f"http://127.0.0.1:{self.state['settings']['s3_port']}",
             aws_access_key_id=secrets["s3_access_key"],
             aws_secret_access_key=secrets["s3_secret_key"],
-            region_name="us-east-1",
+            region_name=stack_script.S3_REGION,
         )
 
     def keys(self, prefix: str = "") -> list[str]:
@@ -165,7 +165,7 @@ class Stack:
 
     def restart(self, component: str) -> None:
         """A clean stop of one server (PostgreSQL: fast shutdown), then `make stack-up`."""
-        stack_script.Stack(self.folder).stop(component)
+        stack_script.ProcessSupervisor(self.folder).stop(component)
         make("stack-up", self.project)
 
 
@@ -334,12 +334,15 @@ def test_the_object_store_requires_its_keys(stack):
     endpoint = f"http://127.0.0.1:{stack.state['settings']['s3_port']}"
     bucket = stack.state["settings"]["bucket"]
     anonymous = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", config=Config(signature_version=botocore.UNSIGNED)
+        "s3",
+        endpoint_url=endpoint,
+        region_name=stack_script.S3_REGION,
+        config=Config(signature_version=botocore.UNSIGNED),
     )
     wrong = boto3.client(
         "s3",
         endpoint_url=endpoint,
-        region_name="us-east-1",
+        region_name=stack_script.S3_REGION,
         aws_access_key_id=stack.state["secrets"]["s3_access_key"],
         aws_secret_access_key="wrong-secret",
     )

@@ -23,6 +23,12 @@ def test_settings_come_from_the_environment(monkeypatch):
     assert settings.artifacts_destination == "s3://team/mlflow" and settings.dvc_remote_url == "s3://team/dvc"
 
 
+def test_the_mlflow_server_gets_a_worker_per_core_within_bounds():
+    assert [stack_script.mlflow_workers(cpus) for cpus in (1, 2, 3, 64)] == [2, 2, 3, 4]
+    command = stack_script.mlflow_server_arguments(stack_script.Settings(), "postgresql://db", workers=3)
+    assert command[command.index("--workers") + 1] == "3"
+
+
 def test_every_generated_secret_is_new_and_safe_anywhere():
     first, second = stack_script.Secrets.generate(), stack_script.Secrets.generate()
     assert first != second
@@ -51,20 +57,19 @@ def test_the_dvc_remotes_keys_go_into_a_private_config_local_even_if_it_was_not(
     config = tmp_path / ".dvc/config.local"
     config.write_text("[plots]\n    html_template = plots/template.html\n")
     config.chmod(0o644)
-    stack = stack_script.Stack(tmp_path / ".stack")
-    stack.settings, stack.secrets = stack_script.Settings(), stack_script.Secrets.generate()
-    stack.add_dvc_remote(tmp_path)
+    state = stack_script.StackState(tmp_path / ".stack", stack_script.Settings(), stack_script.Secrets.generate())
+    stack_script.ClientSetup(state).add_dvc_remote(tmp_path)
     text = config.read_text()
-    assert stack.secrets.s3_secret_key in text and "html_template = plots/template.html" in text
+    assert state.secrets.s3_secret_key in text and "html_template = plots/template.html" in text
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
 
 
 def test_a_server_that_exits_is_named_with_its_log(tmp_path):
-    stack = stack_script.Stack(tmp_path)
+    supervisor = stack_script.ProcessSupervisor(tmp_path)
     (tmp_path / "mlflow.log").write_text("starting\nError: the database is not there\n")
     process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     with pytest.raises(stack_script.StackError) as failed:
-        stack.wait_until_up("mlflow", process, check=lambda: 1 / 0)  # it never answers
+        supervisor.wait_until_up("mlflow", process, check=lambda: 1 / 0)  # it never answers
     message = str(failed.value)
     assert message.startswith(f"mlflow did not come up: it exited with status 3. Its log: {tmp_path / 'mlflow.log'}")
     assert "Error: the database is not there" in message
