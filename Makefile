@@ -27,7 +27,7 @@ unexport PYTHONHOME
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
-	@python -m alexnet8.offline_plots
+	@python tools/offline_plots.py
 
 # Exact versions and hashes from requirements.lock (regenerate with `make lock`); the project
 # itself is installed editable on top, without touching the locked set. The stamp file is

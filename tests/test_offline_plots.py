@@ -1,4 +1,4 @@
-"""`python -m alexnet8.offline_plots`: the pages of `dvc plots show` / `dvc plots diff` load no
+"""`python tools/offline_plots.py`: the pages of `dvc plots show` / `dvc plots diff` load no
 script from the network."""
 
 from __future__ import annotations
@@ -12,18 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import PROJECT_ROOT, activated_environment
+from helpers import PROJECT_ROOT, activated_environment, load_script
 
-from alexnet8 import offline_plots
-from alexnet8.offline_plots import (
-    BUILDS,
-    CONFIG_VALUE,
-    PACKAGE,
-    Build,
-    OfflinePlotsError,
-    offline_template,
-    with_html_template,
-)
+offline_plots = load_script("tools/offline_plots.py")
+BUILDS, CONFIG_VALUE, PACKAGE = offline_plots.BUILDS, offline_plots.CONFIG_VALUE, offline_plots.PACKAGE
+Build, OfflinePlotsError = offline_plots.Build, offline_plots.OfflinePlotsError
+offline_template, with_html_template = offline_plots.offline_template, offline_plots.with_html_template
 
 PREDICTIONS = "actual,predicted\n" + "".join(
     f"{actual},{predicted}\n"
@@ -257,7 +251,7 @@ def test_dvc_plots_show_and_diff_pages_load_no_script_from_the_network(tmp_path)
     before = scripts_of((tmp_path / "before" / "index.html").read_text(encoding="utf-8"))
     assert any(str(attributes.get("src")).startswith("https://") for attributes, _ in before)
 
-    run("python", "-m", "alexnet8.offline_plots")
+    run("python", str(PROJECT_ROOT / "tools" / "offline_plots.py"))
     shutil.copy2(PROJECT_ROOT / "docs" / "results" / "recipe-sgd_history.csv", history)
     run("dvc", "plots", "show")
     run("dvc", "plots", "diff", "-o", str(tmp_path / "plots-diff"))  # anywhere: the page carries its scripts

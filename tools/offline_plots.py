@@ -14,7 +14,7 @@ image and table renderers DVC also uses need no script). Inlined rather than lin
 `dvc plots show -o DIR` writes only `DIR/index.html`: a linked copy would not follow it.
 DVC resolves a relative `plots.html_template` from `.dvc/`.
 
-Run at setup as `python -m alexnet8.offline_plots`. Idempotent: with everything in place it
+Run at setup (`make setup`) as `python tools/offline_plots.py`. Idempotent: with everything in place it
 writes nothing. A `plots.html_template` that names another template, in any DVC config, is the
 user's choice: it is kept, with a warning.
 """
@@ -34,7 +34,7 @@ from alexnet8 import cli
 from alexnet8.errors import PipelineError
 from alexnet8.files import write_text
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("offline_plots")  # the same name run as a script or loaded by the tests
 
 PACKAGE = "django-js-lib-vega-embed"
 PACKAGE_VERSION = "6.29.0.3"
@@ -79,7 +79,7 @@ PAGE = """<!DOCTYPE html>
     <meta charset="utf-8">
     {{refresh_tag}}
     <title>DVC Plot</title>
-    <!-- Written by `python -m alexnet8.offline_plots`: {versions}, inlined so that the page needs no network. -->
+    <!-- Written by `python tools/offline_plots.py`: {versions}, inlined so that the page needs no network. -->
 {scripts}
     <style>
         table {{
