@@ -74,6 +74,10 @@ TIMEOUT_VARIABLE = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # set by `mlflow mod
 BACKGROUND = (255, 255, 255)  # what transparent pixels show: white, as a browser or viewer shows them
 SIXTEEN_BIT_MAX = 65535
 SHOWN_PROBLEMS = 5  # bad items named in one error message
+# The NumPy versions `load_context`'s process-wide print options were checked on: the fence
+# library_patches.NUMPY_PRINT_OPTIONS, repeated here since this file imports nothing of the package
+# (tests/test_library_patches.py keeps the two equal).
+NUMPY_CHECKED = ">=2.4.6,<2.6"
 
 
 class ImageError(ValueError):
@@ -290,6 +294,18 @@ def _short(value: object) -> str:
     return text if len(text) <= 24 else text[:20] + "..."
 
 
+def check_numpy_version(version: str = np.__version__) -> None:
+    """Raise RuntimeError unless NumPy `version` is one the print options were checked on (NUMPY_CHECKED)."""
+    from packaging.specifiers import SpecifierSet
+
+    if not SpecifierSet(NUMPY_CHECKED).contains(version, prereleases=True):
+        raise RuntimeError(
+            f"numpy {version} is installed, but the model sets NumPy's print options process-wide "
+            f"(ImageClassifier.load_context) and was checked on numpy{NUMPY_CHECKED} only: serve it "
+            "in an environment with its logged requirements"
+        )
+
+
 def server_timeout() -> float | None:
     """The request timeout of the `mlflow models serve` this process is (seconds), or None in-process."""
     try:
@@ -316,6 +332,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import keras
 
         # The scoring server puts the input's repr into its error messages: keep that to a line.
+        check_numpy_version()
         np.set_printoptions(threshold=8, edgeitems=1, formatter={"numpystr": _short, "object": _short})
         self.network = keras.models.load_model(context.artifacts["keras_model"], safe_mode=True)
         with open(context.artifacts["dataset"], encoding="utf-8") as stream:

@@ -19,6 +19,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from alexnet8 import library_patches
 from alexnet8.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ def keep_inside(root: Path) -> int:
             raise _damaged(database, "; ".join(problems[:3]))
         if "experiments" not in tables:
             return 0
+        library_patches.LOCAL_STORE_PATHS.check()  # the SQL below assumes MLflow's tables
         rewritten = 0
         old_root = _recorded_root(connection)
         if old_root is not None and old_root != root:

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from alexnet8 import library_patches
 from alexnet8.dataset import IMAGE_SHAPE
 
 
@@ -117,6 +118,7 @@ def portable_model(model: keras.Model) -> keras.Model:
     BatchNormalization replaces every FusedBatchNormalization (at inference the two compute the
     same), and a fused optimizer's Keras class (its `keras_class`) replaces it in the compile
     config. A saved file of it loads anywhere."""
+    library_patches.PORTABLE_MODEL.check()
     optimizer = getattr(model, "optimizer", None)
     inner = getattr(optimizer, "inner_optimizer", None)  # inside mixed_float16's LossScaleOptimizer
     keras_optimizers = {type(o).__name__: o.keras_class for o in (optimizer, inner) if hasattr(o, "keras_class")}

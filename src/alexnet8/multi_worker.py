@@ -29,6 +29,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from alexnet8 import library_patches
 from alexnet8.checkpoints import completed_epochs
 from alexnet8.errors import PipelineError
 
@@ -140,6 +141,7 @@ def check_last_batch(examples: int, batch_size: int, workers: int) -> None:
 def create_strategy(cluster: Cluster) -> tf.distribute.MultiWorkerMirroredStrategy:
     """The strategy for this worker, with bounded waits for peers; call before any other TensorFlow op
     (it starts this process's gRPC server and fixes its devices). Blocks until all workers started."""
+    library_patches.TENSORFLOW_COORDINATION_SERVICE.check()  # private API, below
     from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
     from tensorflow.python.eager import context
 
@@ -256,6 +258,7 @@ def prepare_for_fit(model: keras.Model, strategy: tf.distribute.Strategy, elemen
        dimensions`, tensorflow/tensorflow#72388). Returning them as 1-element vectors makes that
        the mean over workers.
     """
+    library_patches.KERAS_FIT_UNDER_MULTI_WORKER.check()
     with strategy.scope():
         model._symbolic_build(data_batch=element_spec)
     model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None

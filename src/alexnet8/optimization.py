@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import keras
 import tensorflow as tf
 
+from alexnet8 import library_patches
 from alexnet8.model import build_alexnet8
 from alexnet8.params import TrainParams
 
@@ -34,7 +35,16 @@ def learning_rate_or_schedule(
     )
 
 
-class _FusedAdamUpdate:
+class _FencedBuild:
+    """Checks, when the optimizer is built, that Keras is a version the fused updates' use of its
+    private API (library_patches.FUSED_OPTIMIZERS) was checked on."""
+
+    def build(self, var_list):
+        library_patches.FUSED_OPTIMIZERS.check()
+        super().build(var_list)
+
+
+class _FusedAdamUpdate(_FencedBuild):
     """Keras' Adam update of one weight, computed by TensorFlow's fused kernel (ResourceApplyAdam).
 
     Keras 3 updates each weight with a dozen separate ops, each a pass over the weight, its two
@@ -77,7 +87,7 @@ class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
     keras_class = keras.optimizers.AdamW
 
 
-class FusedSGD(keras.optimizers.SGD):
+class FusedSGD(_FencedBuild, keras.optimizers.SGD):
     """Keras' SGD with momentum, each weight updated by TensorFlow's fused kernel
     (ResourceApplyKerasMomentum: Keras' formula, Nesterov's too, in one pass instead of several)."""
 

@@ -37,7 +37,7 @@ from mlflow.data import dataset_source_registry
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
-from alexnet8 import local_store
+from alexnet8 import library_patches, local_store
 from alexnet8.errors import PipelineError
 from alexnet8.files import write_json
 from alexnet8.params import Params
@@ -207,6 +207,7 @@ def installed_packages() -> str:
 def bound_http_requests() -> None:
     """Bound the MLflow client's retries and timeouts in this process (HTTP_REQUEST_BOUNDS), unless
     the user set them: a tracking server that does not answer costs seconds, not minutes."""
+    library_patches.MLFLOW_HTTP_RETRIES.check()
     for name, value in HTTP_REQUEST_BOUNDS.items():
         os.environ.setdefault(name, value)
 
