@@ -11,6 +11,7 @@ from alexnet8.model import (
     build_alexnet8,
     initialize_conv1_whitening,
     portable_model,
+    refit_batch_norm_statistics,
     whitening_kernel,
 )
 
@@ -186,3 +187,32 @@ def test_whitening_init_sets_conv1s_first_54_filters_and_keeps_the_rest(seed=1):
     )  # on [0, 1] inputs
     np.testing.assert_array_equal(kernel[..., 54:], before[..., 54:])
     assert not np.any(bias)
+
+
+def test_batch_norm_momentum_reaches_both_batch_norms():
+    model = build_alexnet8(dense_units=16, batch_norm_momentum=0.6, fused_batch_norm=True)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert [norm.name for norm in norms] == ["conv1_batchnorm", "conv2_batchnorm"]
+    assert {norm.momentum for norm in norms} == {0.6}
+
+
+def test_refit_batch_norm_statistics_sets_the_mean_of_the_batch_statistics(seed=3):
+    keras.utils.set_random_seed(seed)
+    model = build_alexnet8(dense_units=16)
+    images = np.random.default_rng(seed).integers(0, 256, size=(30, 32, 32, 3)).astype(np.float32)
+    before = model.predict(images[:4], verbose=0)
+
+    refit_batch_norm_statistics(model, images, batch_size=10)
+
+    # conv1's batch norm sees conv1's outputs: the mean of the three batches' means and (biased) variances.
+    conv1 = keras.Model(model.input, model.get_layer("conv1").output)
+    outputs = [keras.ops.convert_to_numpy(conv1(images[start : start + 10])) for start in (0, 10, 20)]
+    norm = model.get_layer("conv1_batchnorm")
+    np.testing.assert_allclose(
+        norm.moving_mean.numpy(), np.mean([o.mean(axis=(0, 1, 2)) for o in outputs], axis=0), rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        norm.moving_variance.numpy(), np.mean([o.var(axis=(0, 1, 2)) for o in outputs], axis=0), rtol=1e-4, atol=1e-5
+    )
+    assert norm.momentum == 0.99  # restored
+    assert not np.allclose(model.predict(images[:4], verbose=0), before)  # inference uses the new statistics

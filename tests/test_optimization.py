@@ -108,3 +108,27 @@ def test_a_model_trained_with_a_fused_optimizer_saves_with_keras_own(default_par
     assert type(saved) is type(trained).keras_class
     assert saved.learning_rate.numpy() == pytest.approx(trained.learning_rate.numpy())
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), model.predict(images, verbose=0))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("decay_norm_and_bias", [True, False])
+def test_weight_decay_spares_batch_norm_and_biases_when_asked(default_params, fused, decay_norm_and_bias):
+    params = default_params.train.model_copy(
+        update={
+            "optimizer": "sgd",
+            "momentum": 0.9,
+            "weight_decay": 0.5,
+            "fused_optimizer": fused,
+            "decay_norm_and_bias": decay_norm_and_bias,
+        }
+    )
+    optimizer = build_optimizer(params, steps_per_epoch=10)
+    variables = [keras.Variable(np.ones(3, np.float32), name=name) for name in ("kernel", "bias", "gamma", "beta")]
+    optimizer.apply([np.zeros(3, np.float32)] * len(variables), variables)  # only weight decay moves them
+    shrunk = {variable.name: bool(np.all(variable.numpy() < 1)) for variable in variables}
+    assert shrunk == {
+        "kernel": True,
+        "bias": decay_norm_and_bias,
+        "gamma": decay_norm_and_bias,
+        "beta": decay_norm_and_bias,
+    }

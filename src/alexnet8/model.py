@@ -76,10 +76,12 @@ def build_alexnet8(
     dropout: float = 0.5,
     normalization: Mapping | None = None,
     fused_batch_norm: bool = False,
+    batch_norm_momentum: float = 0.99,
 ) -> keras.Model:
     """AlexNet8 on raw RGB pixels: normalization (see pixel_normalization), 5 convolutions (the first
-    two batch-normalized), 3 max-pools, 3 dense layers, softmax output. With `fused_batch_norm`,
-    the batch norms train with TensorFlow's fused kernel (FusedBatchNormalization)."""
+    two batch-normalized, their moving statistics keeping `batch_norm_momentum` a step), 3
+    max-pools, 3 dense layers, softmax output. With `fused_batch_norm`, the batch norms train with
+    TensorFlow's fused kernel (FusedBatchNormalization)."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
     if not 0 <= dropout < 1:
@@ -88,7 +90,11 @@ def build_alexnet8(
     inputs = keras.Input(shape=IMAGE_SHAPE, name="image")
     x = pixel_normalization(inputs, normalization)
     x = layers.Conv2D(96, kernel_size=3, name="conv1")(x)
-    batch_norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
+    batch_norm_class = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
+
+    def batch_norm(name: str) -> layers.BatchNormalization:
+        return batch_norm_class(momentum=batch_norm_momentum, name=name)
+
     x = batch_norm(name="conv1_batchnorm")(x)
     x = layers.Activation("relu", name="conv1_relu")(x)
     x = layers.MaxPooling2D(pool_size=3, strides=2, name="pool1")(x)
@@ -169,6 +175,28 @@ def initialize_conv1_whitening(model: keras.Model, raw_images: np.ndarray) -> No
     whitening = whitening_kernel(keras.ops.convert_to_numpy(normalized))[..., : kernel.shape[-1]]
     kernel[..., : whitening.shape[-1]] = whitening
     conv1.set_weights([kernel, np.zeros_like(bias)])
+
+
+def refit_batch_norm_statistics(model: keras.Model, raw_images: np.ndarray, batch_size: int = 500) -> None:
+    """Set each batch norm's moving mean and variance to the mean of its batch statistics over
+    `raw_images` (raw pixels, in batches of `batch_size`) under the model's current weights.
+
+    The moving statistics average the batches of the weights as they were when each batch ran;
+    after the weights are replaced by an average of earlier weights (`use_ema`) they no longer
+    match them. Running the images in training mode with momentum k / (k + 1) for the k-th batch
+    (from 0) makes the moving statistics the plain mean over the batches, as PyTorch's cumulative
+    batch-norm averaging does. Only the batch norms' statistics change.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    momentums = [norm.momentum for norm in norms]
+    try:
+        for batch, start in enumerate(range(0, len(raw_images), batch_size)):
+            for norm in norms:
+                norm.momentum = batch / (batch + 1)  # read by each eager call
+            model(np.asarray(raw_images[start : start + batch_size]), training=True)
+    finally:
+        for norm, momentum in zip(norms, momentums, strict=True):
+            norm.momentum = momentum
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -14,6 +14,10 @@ from alexnet8 import library_patches
 from alexnet8.model import build_alexnet8
 from alexnet8.params import TrainParams
 
+# Variables that `decay_norm_and_bias: false` keeps out of weight decay: batch norms' gamma and beta,
+# every bias. Keras matches the pattern against the name of the TensorFlow variable ("bias:0").
+NOT_DECAYED_WHEN_EXCLUDED = [r"(^|/)(gamma|beta|bias)(:\d+)?$"]
+
 
 def learning_rate_or_schedule(
     params: TrainParams, steps_per_epoch: int
@@ -118,14 +122,18 @@ def build_optimizer(params: TrainParams, steps_per_epoch: int) -> keras.optimize
         return (FusedAdam if fused else keras.optimizers.Adam)(learning_rate=rate, **averaging)
     if params.optimizer == "adamw":
         adamw = FusedAdamW if fused else keras.optimizers.AdamW
-        return adamw(learning_rate=rate, weight_decay=params.weight_decay, **averaging)
-    return (FusedSGD if fused else keras.optimizers.SGD)(
-        learning_rate=rate,
-        momentum=params.momentum,
-        nesterov=params.momentum > 0,
-        weight_decay=params.weight_decay or None,
-        **averaging,
-    )
+        optimizer = adamw(learning_rate=rate, weight_decay=params.weight_decay, **averaging)
+    else:
+        optimizer = (FusedSGD if fused else keras.optimizers.SGD)(
+            learning_rate=rate,
+            momentum=params.momentum,
+            nesterov=params.momentum > 0,
+            weight_decay=params.weight_decay or None,
+            **averaging,
+        )
+    if not params.decay_norm_and_bias:
+        optimizer.exclude_from_weight_decay(var_names=NOT_DECAYED_WHEN_EXCLUDED)
+    return optimizer
 
 
 def build_compiled_model(
@@ -139,6 +147,7 @@ def build_compiled_model(
         dropout=params.dropout,
         normalization=normalization,
         fused_batch_norm=params.fused_batch_norm,
+        batch_norm_momentum=params.batch_norm_momentum,
     )
     if params.label_smoothing:
         # Smoothing needs one-hot targets (input_pipeline.one_hot_length); same metric names either way.

@@ -91,13 +91,16 @@ class TrainParams(_Section):
     warmup_fraction: Annotated[Number, Field(ge=0, lt=1)]
     momentum: Annotated[Number, Field(ge=0, lt=1)]
     weight_decay: Annotated[Number, Field(ge=0)]
+    decay_norm_and_bias: bool
     ema_momentum: Annotated[Number, Field(ge=0, lt=1)]
+    batch_norm_refit_images: Annotated[int, Field(ge=0)]
     random_flip: BoolOrAlternating
     random_crop_padding: Annotated[int, Field(ge=0, le=16)]
     cutout_size: Annotated[int, Field(ge=0, le=32)]
     label_smoothing: Annotated[Number, Field(ge=0, lt=1)]
     dropout: Annotated[Number, Field(ge=0, lt=1)]
     dense_units: Annotated[int, Field(gt=0)]
+    batch_norm_momentum: Annotated[Number, Field(gt=0, lt=1)]
     whitening_images: Annotated[int, Field(ge=0)]
     jit_compile: BoolOrAuto
     fused_batch_norm: bool

@@ -49,7 +49,12 @@ from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, disk_full, no_space_message, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.metric_names import TRAIN_HEADLINE, headline
-from alexnet8.model import initialize_conv1_whitening, portable_model, saved_weights_digest
+from alexnet8.model import (
+    initialize_conv1_whitening,
+    portable_model,
+    refit_batch_norm_statistics,
+    saved_weights_digest,
+)
 from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
 from alexnet8.multi_worker import (
     WORKERS_TAG,
@@ -188,10 +193,13 @@ def _history_file(checkpoint_dir: Path, chief: bool, resumed: SavedEpoch | None)
         yield history
 
 
-def save_model(model: keras.Model, path: Path) -> None:
-    """Save the trained model as a file any Keras loads; a full disk is a PipelineError naming the
-    folder (the checkpoint of the last epoch stays, so the rerun saves without retraining)."""
+def save_model(model: keras.Model, path: Path, refit_images: np.ndarray | None = None) -> None:
+    """Save the trained model as a file any Keras loads, its batch-norm statistics refit on
+    `refit_images` if given (model.refit_batch_norm_statistics); a full disk is a PipelineError
+    naming the folder (the checkpoint of the last epoch stays, so the rerun saves without retraining)."""
     model = portable_model(model)
+    if refit_images is not None and len(refit_images):
+        refit_batch_norm_statistics(model, refit_images)
     try:
         with atomic_path(path, suffix=".keras") as temporary:
             model.save(temporary)
@@ -264,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             normalization=description["normalization"],
             worker=worker,
         )
-        save_model(model, Path(arguments.model))
+        save_model(model, Path(arguments.model), train_split.images[: train_params.batch_norm_refit_images])
         with atomic_path(arguments.history) as temporary:
             shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
         write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
