@@ -47,8 +47,10 @@ else
 	dvc repro
 endif
 
+# One test process per core (pytest-xdist); each test file runs whole in one of them, so the
+# module-wide fixtures (a trained model, a team stack) are made once. PYTEST_ARGS adds options.
 test: setup
-	python -m pytest $(PYTEST_ARGS)
+	python -m pytest --numprocesses auto --dist loadfile $(PYTEST_ARGS)
 
 # `make recipe NAME=recipe-sgd [EXP=name] [SET="seed=7 train.epochs=1"]`: `dvc exp run -n EXP -S ...`
 # with the params of recipes/NAME.yaml (and SET on top).

