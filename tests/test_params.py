@@ -48,7 +48,14 @@ def _with(dotted, value):
     return raw
 
 
-_DELETE = object()
+class _Deleted:
+    """The key removed (its repr names it, so the test ids are the same in every process)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 
 BAD_PARAMS = [
     # (key, value, what the message must say)
