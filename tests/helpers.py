@@ -86,11 +86,12 @@ def load_script(relative_path: str):
     return module
 
 
-def commit_all(folder: Path, message: str) -> None:
+def commit_all(folder: Path, message: str, allow_empty: bool = False) -> None:
     """`git add -A && git commit` in `folder`, as a person with a configured identity would."""
     identity = ["-c", "user.name=test", "-c", "user.email=test@example.invalid"]
     run_command(["git", "add", "-A"], folder, minimal_environment())
-    run_command(["git", *identity, "commit", "-qm", message], folder, minimal_environment())
+    empty = ["--allow-empty"] if allow_empty else []
+    run_command(["git", *identity, "commit", "-qm", message, *empty], folder, minimal_environment())
 
 
 def committed_repository(folder: Path, files: dict[str, str]) -> Path:
