@@ -35,8 +35,9 @@ def main() -> None:
     import numpy as np
 
     from alexnet8.classifier_model import view_config
+    from alexnet8.dataset import DatasetDescription
     from alexnet8.model import build_alexnet8
-    from alexnet8.model_tracking import EpochMetricsToMlflow
+    from alexnet8.model_tracking import EpochMetricsAndSummaryToMlflow
     from alexnet8.params import load_params
     from alexnet8.served_model import log_classifier
     from alexnet8.tracking import log_run_inputs, start_pipeline_run
@@ -45,12 +46,14 @@ def main() -> None:
     model = build_alexnet8(dense_units=params.train.dense_units, dropout=params.train.dropout)
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     class_names = [f"class{index}" for index in range(10)]
-    description = {"archive_md5": "0" * 32, "sizes": {"train": 2}, "class_names": class_names}
+    description = DatasetDescription(
+        class_names=class_names, sizes={"train": 2}, normalization={"name": "unit"}, archive_md5="0" * 32, seed=0
+    )
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         os.chdir(folder)
         model.save(Path(folder) / "model.keras")
-        Path(folder, "dataset.json").write_text(json.dumps(description))
+        Path(folder, "dataset.json").write_text(json.dumps(description.as_written()))
         started = time.perf_counter()
         with start_pipeline_run(params.mlflow.experiment_name, "mlflow-cost", Path(folder) / "run.json"):
             seconds["start the run"] = time.perf_counter() - started
@@ -60,7 +63,7 @@ def main() -> None:
             started = time.perf_counter()
             # As fit drives it: the summary and each epoch's metrics go in a background thread,
             # which on_train_end waits for; the time is what training would wait, at most.
-            epoch_metrics = EpochMetricsToMlflow(Path(folder) / "history.csv")
+            epoch_metrics = EpochMetricsAndSummaryToMlflow(Path(folder) / "history.csv")
             epoch_metrics.set_model(model)
             epoch_metrics.on_train_begin()
             for epoch in range(arguments.epochs):

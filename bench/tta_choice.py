@@ -32,7 +32,7 @@ def main() -> None:
 
     model = load_trained_model(arguments.model)
     split = load_split(arguments.data, "validation")
-    classes = load_description(arguments.data)["class_names"]
+    classes = load_description(arguments.data).class_names
     choices = [(False, 0), (True, 0)] + [(True, pixels) for pixels in arguments.translate or (1, 2)]
     print("| flip_tta | tta_translate | validation accuracy | validation loss | seconds |")
     print("| --- | --- | --- | --- | --- |")

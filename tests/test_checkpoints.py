@@ -213,7 +213,8 @@ def test_a_full_disk_names_the_folder_and_the_space_needed_and_leaves_the_last_s
 CRASHING_TRAIN = r"""
 import os, shutil, signal, sys
 from pathlib import Path
-from alexnet8 import checkpoints, cli, train
+from alexnet8 import checkpoints
+from alexnet8.__main__ import main
 
 point, at_epoch, arguments = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 signal_number = signal.SIGTERM if point.endswith("+sigterm") else signal.SIGKILL
@@ -257,7 +258,7 @@ def discard(original, path):
 for name, replacement in [("save_epoch", save_epoch), ("_write_durably", write_durably),
                           ("_fsync_directory", fsync_directory), ("_discard", discard)]:
     setattr(checkpoints, name, lambda *args, r=replacement, o=getattr(checkpoints, name): r(o, *args))
-cli.run(train.main, arguments, interrupted=cli.STAGES["train"].interrupted)
+main(["train", *arguments])
 """
 
 EPOCHS = 5

@@ -23,6 +23,7 @@ import yaml
 from helpers import PROJECT_ROOT, commit_all, evaluation_run, run_command, write_params
 
 from alexnet8 import train
+from alexnet8.__main__ import run_stage
 from alexnet8.checkpoints import completed_epochs
 from alexnet8.dataset import load_split
 from alexnet8.errors import DataError, PipelineError
@@ -91,15 +92,15 @@ def _train_arguments(folder, prepared_dir, params_file):
 
 
 def _interrupt_training_after(epoch, monkeypatch):
-    """Make the next train.main() stop with Ctrl-C after `epoch` (0-based) is logged."""
+    """Make the next train stage stop with Ctrl-C after `epoch` (0-based) is logged."""
 
-    class Interrupting(train.EpochMetricsToMlflow):
+    class Interrupting(train.EpochMetricsAndSummaryToMlflow):
         def on_epoch_end(self, index, logs=None):
             super().on_epoch_end(index, logs)
             if index == epoch:
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "EpochMetricsToMlflow", Interrupting)
+    monkeypatch.setattr(train, "EpochMetricsAndSummaryToMlflow", Interrupting)
 
 
 def _runs(client):
@@ -112,13 +113,13 @@ def test_a_resumed_training_continues_its_mlflow_run_with_every_epoch_once(prepa
     with monkeypatch.context() as patch:
         _interrupt_training_after(0, patch)
         with pytest.raises(KeyboardInterrupt):
-            train.main(arguments)
+            run_stage(["train", *arguments])
     client = mlflow.MlflowClient()
     [interrupted] = _runs(client)
     assert interrupted.info.status == "KILLED"
     assert not (tmp_path / "run.json").exists() and not (tmp_path / "model.keras").exists()
 
-    train.main(arguments)
+    run_stage(["train", *arguments])
     [finished] = _runs(client)
     assert finished.info.run_id == interrupted.info.run_id and finished.info.status == "FINISHED"
     for metric in EPOCH_METRICS:
@@ -133,7 +134,7 @@ def test_an_interrupted_evaluate_leaves_its_run_killed_and_its_rerun_finishes_an
     from alexnet8 import evaluate
 
     params_file = write_params(tmp_path / "params.yaml", **(TINY | {"train.epochs": 1}))
-    train.main(_train_arguments(tmp_path, prepared_dir, params_file))
+    run_stage(["train", *_train_arguments(tmp_path, prepared_dir, params_file)])
     arguments = ["--params", str(params_file), "--data", str(prepared_dir), "--model", str(tmp_path / "model.keras"),
                  "--run-file", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "test.json"),
                  "--predictions", str(tmp_path / "predictions.csv"),
@@ -145,7 +146,7 @@ def test_an_interrupted_evaluate_leaves_its_run_killed_and_its_rerun_finishes_an
 
     monkeypatch.setattr(evaluate, "log_classifier", interrupted)  # Ctrl-C while the model is logged
     with pytest.raises(KeyboardInterrupt):
-        evaluate.main(arguments)
+        run_stage(["evaluate", *arguments])
     client = mlflow.MlflowClient()
     training_run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
     killed = evaluation_run(client, training_run_id)
@@ -154,7 +155,7 @@ def test_an_interrupted_evaluate_leaves_its_run_killed_and_its_rerun_finishes_an
     assert not (tmp_path / "test.json").exists() and not (tmp_path / "served_model.json").exists()
 
     monkeypatch.setattr(evaluate, "log_classifier", logged)
-    evaluate.main(arguments)
+    run_stage(["evaluate", *arguments])
     finished = evaluation_run(client, training_run_id)
     assert finished.info.status == "FINISHED" and "test/accuracy" in finished.data.metrics
 
@@ -164,10 +165,10 @@ def test_a_checkpoint_from_other_params_is_not_resumed(prepared_dir, tmp_path, m
     with monkeypatch.context() as patch:
         _interrupt_training_after(1, patch)
         with pytest.raises(KeyboardInterrupt):
-            train.main(arguments)
+            run_stage(["train", *arguments])
     [stale] = list((tmp_path / "checkpoints").iterdir())
     write_params(tmp_path / "params.yaml", **(TINY | {"train.learning_rate": 0.0005}))
-    train.main(arguments)
+    run_stage(["train", *arguments])
     client = mlflow.MlflowClient()
     runs = {run.info.status: run for run in _runs(client)}
     assert set(runs) == {"KILLED", "FINISHED"}  # a new run, not the interrupted one continued
@@ -180,8 +181,8 @@ def test_nan_loss_fails_the_run_and_saves_no_model(prepared_dir, tmp_path):
     # do: TensorFlow's fused CPU kernels for max pooling can turn NaN inputs into finite values.)
     params = write_params(tmp_path / "params.yaml", **TINY, **{"train.learning_rate": 1e30})
     arguments = _train_arguments(tmp_path, prepared_dir, params)
-    with pytest.raises(train.TrainingDiverged, match="the loss became nan"):
-        train.main(arguments)
+    with pytest.raises(train.TrainingNotFinished, match="the loss became nan"):
+        run_stage(["train", *arguments])
     [run] = _runs(mlflow.MlflowClient())
     assert run.info.status == "FAILED"
     assert not (tmp_path / "model.keras").exists() and not (tmp_path / "run.json").exists()
@@ -196,7 +197,7 @@ def test_a_tracking_server_that_does_not_answer_fails_before_training(prepared_d
     mlflow.set_tracking_uri(None)
     started = time.monotonic()
     with pytest.raises(PipelineError, match=f"tracking server at http://127.0.0.1:{port} .* does not answer"):
-        train.main(_train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY)))
+        run_stage(["train", *_train_arguments(tmp_path, prepared_dir, write_params(tmp_path / "params.yaml", **TINY))])
     # Not MLflow's retries (minutes): a generous bound, not a speed test.
     assert time.monotonic() - started < 60
     assert not (tmp_path / "checkpoints").exists()

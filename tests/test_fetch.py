@@ -11,9 +11,9 @@ import time
 import pytest
 from helpers import write_params
 
+from alexnet8.__main__ import run_stage
 from alexnet8.errors import DataError
 from alexnet8.fetch import download
-from alexnet8.fetch import main as fetch_main
 from alexnet8.files import file_md5
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB: several chunks
@@ -151,7 +151,7 @@ def test_main_reads_url_and_md5_from_params(tmp_path, tiny_archive):
     source, md5 = tiny_archive
     params = write_params(tmp_path / "params.yaml", **{"fetch.url": str(source), "fetch.md5": md5})
     target = tmp_path / "data" / "raw.tar.gz"
-    fetch_main(["--params", str(params), "--out", str(target)])
+    run_stage(["fetch", "--params", str(params), "--out", str(target)])
     assert file_md5(target) == md5
 
 

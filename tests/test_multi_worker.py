@@ -180,7 +180,8 @@ def _train_command(folder: Path, prepared_dir: Path, params_file: Path) -> list[
     return [
         sys.executable,
         "-m",
-        "alexnet8.train",
+        "alexnet8",
+        "train",
         "--params",
         str(params_file),
         "--data",

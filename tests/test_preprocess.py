@@ -34,9 +34,9 @@ def test_records_are_decoded_to_images_and_labels(tmp_path):
 
 def test_prepared_arrays_have_the_shapes_and_split_sizes(prepared_dir, tiny_archive):
     description = load_description(prepared_dir)
-    assert description["sizes"] == {"train": 90, "validation": 10, "test": 40}
-    assert description["archive_md5"] == tiny_archive[1]
-    for split, size in description["sizes"].items():
+    assert description.sizes == {"train": 90, "validation": 10, "test": 40}
+    assert description.archive_md5 == tiny_archive[1]
+    for split, size in description.sizes.items():
         data = load_split(prepared_dir, split)
         assert data.images.shape == (size, 32, 32, 3) and data.images.dtype == np.uint8
         assert data.labels.shape == (size,)

@@ -40,13 +40,12 @@ import requests
 from helpers import activated_environment, free_port, write_params
 from PIL import Image
 
+from alexnet8.__main__ import run_stage
 from alexnet8.classifier_model import MAX_IMAGES, ImageClassifier
 from alexnet8.dataset import load_split
-from alexnet8.evaluate import main as evaluate_main
 from alexnet8.predict import predict_files, workspace_classifier
 from alexnet8.preprocess import CLASS_NAMES
 from alexnet8.registry import CHAMPION
-from alexnet8.train import main as train_main
 
 pytestmark = pytest.mark.slow
 
@@ -104,12 +103,21 @@ def evaluated(prepared_dir, tmp_path_factory) -> tuple[Path, str]:
         patch.chdir(folder)  # a new store puts its artifacts in ./mlruns
         params = str(write_params(folder / "params.yaml", **PIPELINE, **TEST_TIME_VIEWS))
         common = ["--params", params, "--data", str(prepared_dir), "--run-file", "models/run.json"]
-        train_main(
-            [*common, "--model", "models/model.keras", "--history", "history.csv", "--metrics", "train.json"]
+        run_stage(
+            ["train", *common, "--model", "models/model.keras", "--history", "history.csv", "--metrics", "train.json"]
             + ["--checkpoints", "checkpoints"]
         )
-        evaluate_main(
-            [*common, "--model", "models/model.keras", "--metrics", "test.json", "--predictions", "predictions.csv"]
+        run_stage(
+            [
+                "evaluate",
+                *common,
+                "--model",
+                "models/model.keras",
+                "--metrics",
+                "test.json",
+                "--predictions",
+                "predictions.csv",
+            ]
             + ["--served-model", "models/served_model.json"]
         )
         mlflow.set_tracking_uri(None)

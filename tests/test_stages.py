@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 from helpers import write_params
 
+from alexnet8 import cli
+from alexnet8.__main__ import run_stage
 from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
-from alexnet8.evaluate import main as evaluate_main
 from alexnet8.metric_names import EPOCH_METRICS
 from alexnet8.model import weights_digest
-from alexnet8.plot import main as plot_main
 from alexnet8.runtime import cpu_features, machine_facts, xla_choice
 from alexnet8.tracking import RUNS_VIEW_TAG, runs_page_url
-from alexnet8.train import main as train_main
 
 SMALL = {"train.epochs": 2, "train.batch_size": 16, "train.dense_units": 64}
 
@@ -51,8 +50,9 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
             }.items()
         }
         common = ["--data", str(prepared_dir), "--run-file", str(paths["run_file"])]
-        train_main(
+        run_stage(
             [
+                "train",
                 "--params",
                 str(params),
                 *common,
@@ -66,8 +66,9 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
                 str(folder / "checkpoints"),
             ]
         )
-        evaluate_main(
+        run_stage(
             [
+                "evaluate",
                 "--params",
                 str(params),
                 *common,
@@ -81,8 +82,9 @@ def pipeline_outputs(prepared_dir, tmp_path_factory):
                 str(paths["served_model"]),
             ]
         )
-        plot_main(
+        run_stage(
             [
+                "plot",
                 *common,
                 "--history",
                 str(paths["history"]),
@@ -180,13 +182,13 @@ def test_the_logged_model_takes_raw_pixels_and_answers_with_class_names(pipeline
     assert {"test/accuracy", "val_served/accuracy"} <= {metric.key for metric in logged.metrics}
     # The logged model names the data its metrics came from (MLflow's "Datasets used").
     assert {(metric.dataset_name, metric.dataset_digest) for metric in logged.metrics} == {
-        ("cifar-10", load_description(prepared_dir)["archive_md5"])
+        ("cifar-10", load_description(prepared_dir).archive_md5)
     }
 
     classifier = mlflow.pyfunc.load_model(served["model_uri"])
     test_images = load_split(prepared_dir, "test").images[:8]  # the archive's raw uint8 pixels
     table = classifier.predict(np.asarray(test_images))
-    class_names = load_description(prepared_dir)["class_names"]
+    class_names = load_description(prepared_dir).class_names
     assert list(table.columns) == ["class", *class_names]
     np.testing.assert_allclose(table[class_names].sum(axis=1), 1, rtol=1e-5)
     with open(paths["predictions"]) as stream:
@@ -213,8 +215,9 @@ def test_each_evaluation_registers_a_version_that_is_the_candidate_and_the_first
 def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tmp_path):
     params = write_params(tmp_path / "params.yaml", **SMALL)
     with pytest.raises(PipelineError, match="not found: run the train stage first"):
-        evaluate_main(
+        run_stage(
             [
+                "evaluate",
                 "--params",
                 str(params),
                 "--data",
@@ -231,6 +234,39 @@ def test_later_stages_without_a_run_file_say_which_stage_to_run(prepared_dir, tm
                 str(tmp_path / "s.json"),
             ]
         )
+
+
+@pytest.mark.parametrize(
+    "content, problem", [("{", "file: Invalid JSON"), ('{"experiment_id": "1"}', "run_id: Field required")]
+)
+@pytest.mark.parametrize("stage", ["evaluate", "plot"])
+def test_a_damaged_run_file_is_named_and_nothing_is_written(prepared_dir, tmp_path, stage, content, problem):
+    run_file, outputs = tmp_path / "run.json", tmp_path / "outputs"
+    run_file.write_text(content)
+    params = ["--params", str(write_params(tmp_path / "params.yaml", **SMALL))] if stage == "evaluate" else []
+    paths = [str(outputs / option) for option in cli.STAGES[stage].options]
+    arguments = [item for pair in zip(cli.STAGES[stage].options, paths, strict=True) for item in pair]
+    arguments += ["--run-file", str(run_file), "--data", str(prepared_dir)]  # the last of each option wins
+    with pytest.raises(PipelineError) as error:
+        run_stage([stage, *params, *arguments])
+    assert str(error.value).startswith(f"{run_file}: not a run file written by the train stage (")
+    assert problem in str(error.value)
+    assert not outputs.exists()
+
+
+def test_a_damaged_dataset_description_is_named_and_nothing_is_written(prepared_dir, tmp_path):
+    description = json.loads((prepared_dir / "dataset.json").read_text())
+    del description["normalization"]
+    (tmp_path / "prepared").mkdir()
+    (tmp_path / "prepared" / "dataset.json").write_text(json.dumps(description))
+    outputs = tmp_path / "outputs"
+    arguments = [item for option in cli.STAGES["train"].options for item in (option, str(outputs / option))]
+    params = write_params(tmp_path / "params.yaml", **SMALL)
+    with pytest.raises(PipelineError) as error:
+        run_stage(["train", "--params", str(params), *arguments, "--data", str(tmp_path / "prepared")])
+    assert str(error.value).startswith(f"{tmp_path / 'prepared' / 'dataset.json'}: not a description written by")
+    assert "normalization: Field required" in str(error.value)
+    assert not outputs.exists()
 
 
 def test_the_ui_address_opens_the_runs_table_with_columns_the_runs_fill(pipeline_outputs):

@@ -37,7 +37,7 @@ def test_runs_started_in_a_project_land_in_its_own_store(tmp_path, monkeypatch):
     with tracking.start_pipeline_run("local", "run-1", project / "run.json") as record:
         mlflow.log_text("hello", "note.txt")
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    assert client.get_run(record.run_id).info.status == "FINISHED"
     assert client.get_experiment_by_name("local").artifact_location == (project / "mlruns").as_uri()
 
 
@@ -47,7 +47,7 @@ def _run_logging_an_artifact(project, monkeypatch, name):
     monkeypatch.chdir(project)
     with tracking.start_pipeline_run("local", name, project / f"{name}.json") as record:
         mlflow.log_text(name, f"{name}.txt")
-    return record["run_id"]
+    return record.run_id
 
 
 def _files(folder):
@@ -192,7 +192,7 @@ def test_a_run_ended_while_the_server_is_gone_says_why_its_status_was_not_taken(
         raise stop("the stage's own message")
     status = "KILLED" if stop is KeyboardInterrupt else "FAILED"
     assert (
-        f"did not take run {record['run_id']}'s status {status} (ConnectionRefusedError: [Errno 111] Connection "
+        f"did not take run {record.run_id}'s status {status} (ConnectionRefusedError: [Errno 111] Connection "
         "refused): it shows RUNNING until a rerun ends it" in caplog.text
     )
 

@@ -1,7 +1,9 @@
-"""`python -m alexnet8 <stage> [--params params.yaml] ...`: run a pipeline stage, as dvc.yaml does.
+"""`python -m alexnet8 <stage> [--params params.yaml] ...`: run a pipeline stage, as dvc.yaml does;
+the one entry of the stages (their modules have no command line of their own).
 
-Reads: the params file (`--params`), which it validates before anything else; then the stage
-reads and writes what its module says (fetch, preprocess, train, evaluate, plot).
+Reads: the params file (`--params`), which it validates once, before anything else, and hands to
+the stage; then the stage reads and writes what its module says (fetch, preprocess, train,
+evaluate, plot).
 
 The stage's module is imported only after its arguments and params are checked: train and
 evaluate import TensorFlow (about 6 s), plot and the MLflow client about 2 s, and a typo in
@@ -34,19 +36,23 @@ def command_parser() -> argparse.ArgumentParser:
     return argument_parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def run_stage(argv: Sequence[str]) -> None:
+    """Run the stage `argv` names, in this process: its params loaded and validated once
+    (ParamsError naming the file and the key), then handed with its options to the stage's
+    `main(arguments, params)`. Errors are raised (main turns them into exit codes)."""
     arguments = command_parser().parse_args(argv)  # exits 2 with the usage on a wrong command line
-    stage = cli.STAGES[arguments.stage]
+    params = load_params(arguments.params) if cli.STAGES[arguments.stage].reads_params else None
+    if arguments.stage in TENSORFLOW_STAGES:
+        load_tensorflow()
+    importlib.import_module(f"alexnet8.{arguments.stage}").main(arguments, params)
 
-    def run(stage_argv: Sequence[str]) -> None:
-        if stage.reads_params:
-            load_params(arguments.params)  # ParamsError: exit 1, naming the file and the key
-        if arguments.stage in TENSORFLOW_STAGES:
-            load_tensorflow()
-        importlib.import_module(f"alexnet8.{arguments.stage}").main(stage_argv)
 
-    cli.run(run, argv[1:], interrupted=stage.interrupted)
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m alexnet8 <stage> ...`, or the same in-process: `main(["train", "--data", ...])`.
+    A PipelineError exits 1 with its message, an interrupt 130 (cli.run)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = cli.STAGES[command_parser().parse_args(argv).stage]
+    cli.run(run_stage, argv, interrupted=stage.interrupted)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,13 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from alexnet8.dataset import DatasetDescription
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path
 from alexnet8.metric_names import epoch_metrics
 from alexnet8.params import Params
 from alexnet8.reports import append_history_row
+from alexnet8.run_record import run_record_problem
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +314,7 @@ def recover_run_record(checkpoint_dir: str | Path) -> None:
     run: set it aside with a warning, and restore it from the newest set that holds a good copy."""
     record = Path(checkpoint_dir) / RUN_RECORD_FILE
     if record.exists():
-        problem = _run_record_problem(record.read_bytes())
+        problem = run_record_problem(record.read_bytes())
         if problem is None:
             return
         aside = _set_aside(record)
@@ -322,34 +324,26 @@ def recover_run_record(checkpoint_dir: str | Path) -> None:
             copy = _checked_files(path)[1].get(RUN_RECORD_FILE)
         except DamagedSet:
             continue
-        if copy is not None and _run_record_problem(copy) is None:
+        if copy is not None and run_record_problem(copy) is None:
             with atomic_path(record) as temporary:
                 temporary.write_bytes(copy)
             logger.info("restored %s from %s", record, path)
             return
 
 
-def _run_record_problem(content: bytes) -> str | None:
-    try:
-        run_id = json.loads(content)["run_id"]
-    except (ValueError, KeyError, TypeError) as error:
-        return f"{type(error).__name__}: {error}"
-    return None if isinstance(run_id, str) and run_id else "no run id"
-
-
-def training_key(params: Params, description: dict) -> str:
+def training_key(params: Params, description: DatasetDescription) -> str:
     """A digest of everything a checkpoint depends on: train params, seed and the prepared data."""
-    identity = {"train": params.train.model_dump(), "seed": params.seed, "data": description}
+    identity = {"train": params.train.model_dump(), "seed": params.seed, "data": description.as_written()}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def checkpoint_dir_for(checkpoints: str | Path, key: str) -> Path:
-    """The checkpoint folder of the training `key`, after deleting those of trainings with other
-    params or data: at most one is kept on disk, and only the matching one is ever resumed."""
+def delete_other_checkpoint_dirs(checkpoints: str | Path, key: str) -> None:
+    """Delete the checkpoint folders of trainings with other params or data than the training `key`
+    (whose folder is `checkpoints / key`): at most one is kept on disk, and only the matching one
+    is ever resumed."""
     checkpoints = Path(checkpoints)
     if checkpoints.is_dir():
         for stale in checkpoints.iterdir():
             if stale.name != key:
                 logger.info("deleting %s: it was made with other params or data", stale)
                 shutil.rmtree(stale, ignore_errors=True)
-    return checkpoints / key

@@ -1,4 +1,4 @@
-"""What every stage's `main()` shares: its command line, logging set-up, and turning known
+"""What every command shares: the stages' command lines, logging set-up, and turning known
 errors into exit codes.
 
 The stages' command lines are declared here, in a module that imports nothing heavy, so that
@@ -90,11 +90,9 @@ STAGES = {
 }
 
 
-def stage_parser(name: str, argument_parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The argument parser of stage `name` (STAGES): a new one, or `argument_parser` given its arguments."""
+def stage_parser(name: str, argument_parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`argument_parser` given the arguments of stage `name` (STAGES)."""
     stage = STAGES[name]
-    if argument_parser is None:
-        argument_parser = argparse.ArgumentParser(prog=f"python -m alexnet8 {name}", description=stage.description)
     if stage.reads_params:
         argument_parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for option, help_text in stage.options.items():

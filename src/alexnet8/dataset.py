@@ -7,14 +7,15 @@ dataset.json). Writes: nothing.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from alexnet8.errors import DataError
+from alexnet8.errors import DataError, validation_problems
 from alexnet8.files import file_md5
 
 SPLITS = ("train", "validation", "test")
@@ -68,13 +69,46 @@ class ImageReader:
             os.close(self.file)
 
 
-def load_description(prepared_dir: str | Path) -> dict:
-    """dataset.json: class names, split sizes, normalization, archive md5."""
+class _Written(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Normalization(_Written):
+    """What the model does to pixels scaled to [0, 1]: nothing more ("unit"), or standardize them per channel."""
+
+    name: Literal["unit", "standardize"]
+    mean: list[float] | None = None  # per channel, of the training split; "standardize" only
+    std: list[float] | None = None
+
+
+class DatasetDescription(_Written):
+    """dataset.json, as the preprocess stage writes it: what train, evaluate, predict and MLflow know of the data."""
+
+    class_names: list[str]
+    sizes: dict[str, int]  # images per split
+    normalization: Normalization
+    archive_md5: str
+    seed: int
+    md5: dict[str, str] = {}  # of each prepared file, by name
+
+    def as_written(self) -> dict:
+        """The description as dataset.json holds it."""
+        return self.model_dump(exclude_unset=True)
+
+
+def load_description(prepared_dir: str | Path) -> DatasetDescription:
+    """dataset.json: class names, split sizes, normalization, archive md5; DataError naming the
+    file when it is missing or not what the preprocess stage writes."""
     path = Path(prepared_dir) / DATASET_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return DatasetDescription.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise DataError(f"{path} not found: run the preprocess stage first") from None
+    except ValidationError as error:
+        raise DataError(
+            f"{path}: not a description written by the preprocess stage ({validation_problems(error)}): "
+            f"restore it with `dvc checkout --force {prepared_dir}`, or run `dvc repro --force -s preprocess`"
+        ) from None
 
 
 def dataset_digest(prepared_dir: str | Path) -> str:
@@ -89,7 +123,7 @@ def _checked_file(prepared_dir: Path, file_name: str) -> Path:
     path = prepared_dir / file_name
     if not path.is_file():
         raise DataError(f"{path} not found: run the preprocess stage first")
-    recorded = load_description(prepared_dir).get("md5", {}).get(file_name)
+    recorded = load_description(prepared_dir).md5.get(file_name)
     if recorded is not None and file_md5(path) != recorded:
         raise DataError(
             f"{path} is damaged (its md5 differs from the one in {DATASET_FILE}): restore it with "

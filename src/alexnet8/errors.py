@@ -15,3 +15,8 @@ class ParamsError(PipelineError):
 
 class DataError(PipelineError):
     """A downloaded or prepared file is missing, corrupt or not what was expected."""
+
+
+def validation_problems(error) -> str:
+    """A pydantic ValidationError's problems on one line: `key.path: message; ...`."""
+    return "; ".join(f"{'.'.join(map(str, item['loc'])) or 'file'}: {item['msg']}" for item in error.errors())

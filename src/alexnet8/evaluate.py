@@ -19,9 +19,9 @@ test images (registry.py). A changed `evaluate.*` param makes a new version with
 
 from __future__ import annotations
 
+import argparse
 import logging
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import keras
@@ -29,18 +29,18 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from alexnet8 import cli
 from alexnet8.classifier_model import ImageClassifier, view_config, views_per_image
 from alexnet8.dataset import DATASET_FILE, ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
 from alexnet8.metric_names import EVALUATE_HEADLINE, headline
-from alexnet8.params import load_params
+from alexnet8.params import Params
 from alexnet8.progress import progress_bar
 from alexnet8.registry import Evaluation, promote
 from alexnet8.reports import write_predictions
+from alexnet8.run_record import RunRecord, read_run_file
 from alexnet8.served_model import ServedModelRecord, log_classifier, version_description, write_record
-from alexnet8.tracking import archive_dataset, provenance_tags, read_run_file, start_evaluation_run, use_project_store
+from alexnet8.tracking import archive_dataset, provenance_tags, start_evaluation_run, use_project_store
 
 logger = logging.getLogger(__name__)
 
@@ -90,34 +90,39 @@ def evaluate_model(
     return metrics, predicted
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = cli.stage_parser("evaluate").parse_args(argv)
-    params = load_params(arguments.params)
-
-    description = load_description(arguments.data)
-    class_names = description["class_names"]
-    views = view_config(params.evaluate.flip_tta, params.evaluate.tta_translate)
-    classifier = ImageClassifier.assembled(load_trained_model(arguments.model), class_names, views)
-    test_split = load_split(arguments.data, "test")
-    test, predicted = evaluate_model(classifier, test_split, params.evaluate.batch_size)
-    # Recipes, test-time views included, are chosen on validation accuracy, never on test.
-    validation_split = load_split(arguments.data, "validation")
-    validation, _ = evaluate_model(classifier, validation_split, params.evaluate.batch_size, "validation")
+def score(
+    classifier: ImageClassifier, test_split: Split, prepared_dir: str | Path, batch_size: int
+) -> tuple[dict[str, float], dict[str, float | None], np.ndarray]:
+    """The served model's test metrics, and its validation metrics as served (recipes, test-time
+    views included, are chosen on validation accuracy, never on test); each class's test
+    accuracy; the predicted class of every test image."""
+    test, predicted = evaluate_model(classifier, test_split, batch_size)
+    validation, _ = evaluate_model(classifier, load_split(prepared_dir, "validation"), batch_size, "validation")
     metrics = {
         "test/accuracy": test["accuracy"],
         "test/loss": test["loss"],
         "val_served/accuracy": validation["accuracy"],
         "val_served/loss": validation["loss"],
     }
-    labels = np.asarray(test_split.labels)
-    evaluation = Evaluation(int(np.sum(predicted == labels)), len(labels), description["archive_md5"])
+    return metrics, test["per_class_accuracy"], predicted
 
-    training = read_run_file(arguments.run_file)
+
+def main(arguments: argparse.Namespace, params: Params) -> None:
+    """The stage, as `python -m alexnet8 evaluate` runs it: `arguments` are its options, `params` validated."""
+    training = read_run_file(arguments.run_file)  # a missing or damaged one fails before the scoring
+    description = load_description(arguments.data)
+    class_names = description.class_names
+    views = view_config(params.evaluate.flip_tta, params.evaluate.tta_translate)
+    classifier = ImageClassifier.assembled(load_trained_model(arguments.model), class_names, views)
+    test_split = load_split(arguments.data, "test")
+    metrics, per_class_accuracy, predicted = score(classifier, test_split, arguments.data, params.evaluate.batch_size)
+    labels = np.asarray(test_split.labels)
+    evaluation = Evaluation(int(np.sum(predicted == labels)), len(labels), description.archive_md5)
     training_name = training_run_name(training)
     with start_evaluation_run(arguments.run_file, f"{training_name} (evaluate)") as run:
         evaluate_params = {f"evaluate.{key}": value for key, value in params.evaluate.model_dump().items()}
         mlflow.log_params(evaluate_params)
-        mlflow.set_tags(provenance_tags() | {"data.archive_md5": description["archive_md5"]})
+        mlflow.set_tags(provenance_tags() | {"data.archive_md5": description.archive_md5})
         logged = log_classifier(
             arguments.model,
             Path(arguments.data) / DATASET_FILE,
@@ -131,9 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         mlflow.log_metrics(
             metrics,
             model_id=logged.model_id,  # the logged model shows them, with its data set
-            dataset=archive_dataset(params.fetch.url, description["archive_md5"]),
+            dataset=archive_dataset(params.fetch.url, description.archive_md5),
         )
-        mlflow.log_table(per_class_table(test["per_class_accuracy"], labels, class_names), PER_CLASS_TABLE)
+        mlflow.log_table(per_class_table(per_class_accuracy, labels, class_names), PER_CLASS_TABLE)
         version = logged.registered_model_version
         if version is not None:
             register(params.mlflow.registered_model_name, str(version), evaluation, class_names, views)
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mlflow.log_artifact(arguments.metrics)
         served = ServedModelRecord(
             run_id=run.info.run_id,
-            training_run_id=training["run_id"],
+            training_run_id=training.run_id,
             model_id=logged.model_id,
             model_uri=logged.model_uri,
             views=views,
@@ -166,10 +171,10 @@ def register(name: str, version: str, evaluation: Evaluation, class_names: list[
     promote(name, version, evaluation)
 
 
-def training_run_name(training: dict) -> str:
+def training_run_name(training: RunRecord) -> str:
     """The training run's name (the evaluation run and the logged model are named after it)."""
     use_project_store()
-    return mlflow.MlflowClient().get_run(training["run_id"]).info.run_name
+    return mlflow.MlflowClient().get_run(training.run_id).info.run_name
 
 
 def per_class_table(accuracy: dict[str, float | None], labels: np.ndarray, class_names: list[str]) -> pd.DataFrame:
@@ -181,7 +186,3 @@ def per_class_table(accuracy: dict[str, float | None], labels: np.ndarray, class
             "accuracy": [accuracy[name] for name in class_names],
         }
     )
-
-
-if __name__ == "__main__":
-    cli.run(main)

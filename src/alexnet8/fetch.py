@@ -11,21 +11,20 @@ again.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from alexnet8 import cli
 from alexnet8.errors import DataError
 from alexnet8.files import CHUNK_BYTES, atomic_path, disk_full, file_md5, no_space_message
-from alexnet8.params import load_params
+from alexnet8.params import Params
 from alexnet8.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -136,11 +135,6 @@ def _stream(url: str, temporary: Path, name: str) -> tuple[int, int | None, str]
     return received, total, digest.hexdigest()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = cli.stage_parser("fetch").parse_args(argv)
-    params = load_params(arguments.params)
+def main(arguments: argparse.Namespace, params: Params) -> None:
+    """The stage, as `python -m alexnet8 fetch` runs it: `arguments` are its options, `params` validated."""
     download(params.fetch.url, params.fetch.md5, arguments.out)
-
-
-if __name__ == "__main__":
-    cli.run(main)

@@ -15,6 +15,13 @@ import tensorflow as tf
 from alexnet8.dataset import ImageReader, Split
 from alexnet8.params import TrainParams
 
+# Every random draw's seed is a function of (seed, epoch, batch), with salts that keep the draws
+# apart. Changing any of these changes every batch, and so the weights of every recorded run.
+BATCH_SEED_SALT = 1  # a batch's seed is (seed + 1, batch_seed_number(epoch, n))
+BATCHES_PER_EPOCH_LIMIT = 1_000_000  # more batches than an epoch ever has
+FIRST_FLIPS_SALT = 2  # "alternating" flips: the first epoch's coin per image draws from (seed, 2)
+CUTOUT_SALT = 1  # the cutout squares draw from the batch seed folded with 1
+
 
 def augment(
     images: tf.Tensor,
@@ -53,7 +60,13 @@ def augment(
     if cutout_size:
         # The square's centre is anywhere in the image, so it may hang over an edge (DeVries & Taylor, 2017).
         corners = (
-            draw([2], seed=tf.random.experimental.stateless_fold_in(seed, 1), minval=0, maxval=size, dtype=tf.int32)
+            draw(
+                [2],
+                seed=tf.random.experimental.stateless_fold_in(seed, CUTOUT_SALT),
+                minval=0,
+                maxval=size,
+                dtype=tf.int32,
+            )
             - cutout_size // 2
         )
         pixels = tf.range(size)[None, :]
@@ -62,6 +75,16 @@ def augment(
         inside = inside_rows[:, :, None, None] & inside_columns[:, None, :, None]
         images = tf.where(inside, tf.zeros_like(images), images)
     return images
+
+
+def batch_seed_number(epoch: tf.Tensor, number: tf.Tensor) -> tf.Tensor:
+    """The second half of batch `number`'s seed in `epoch`: both can be read back from it (epoch_of)."""
+    return epoch * BATCHES_PER_EPOCH_LIMIT + number
+
+
+def epoch_of(batch_seed: tf.Tensor) -> tf.Tensor:
+    """The epoch whose batch has the seed `batch_seed` (see batch_seed_number)."""
+    return batch_seed[1] // BATCHES_PER_EPOCH_LIMIT
 
 
 def make_dataset(
@@ -90,9 +113,37 @@ def make_dataset(
     of `batch_size` (the global batch), read and augmented as in the whole batch, so the workers'
     shares of a step together are exactly the one-worker batch. Only those rows are read.
     """
+    read = _batch_reader(split, one_hot_classes)
+    count = len(split.labels)
+    if shuffle_seed is None:
+        batches = tf.data.Dataset.range(count).batch(batch_size)
+        if workers > 1:
+            batches = batches.map(lambda index: _share(index, workers, rank)[1])
+        return _without_autotuning(batches.map(read).prefetch(2))
+    seed = tf.constant(shuffle_seed, tf.int64)
+    flip_alternately = _alternating_flips(seed, count) if random_flip == "alternating" else None
+    flip = random_flip is True
+
+    def read_and_augment(batch_seed, index):
+        positions = batch_length = None
+        if workers > 1:
+            batch_length = tf.shape(index, out_type=tf.int32)[0]
+            positions, index = _share(index, workers, rank)
+        images, batch_labels = read(index)
+        if flip_alternately is not None:
+            images = flip_alternately(images, index, batch_seed)
+        if flip or random_crop_padding or cutout_size:
+            images = augment(images, batch_seed, flip, random_crop_padding, cutout_size, positions, batch_length)
+        return images, batch_labels
+
+    batches = _shuffled_batches(seed, count, batch_size, first_epoch)
+    return _without_autotuning(batches.map(read_and_augment, num_parallel_calls=2).prefetch(2))
+
+
+def _batch_reader(split: Split, one_hot_classes: int):
+    """A tf.data function: image indices -> (images, labels) of the split, labels one-hot if asked."""
     reader = ImageReader(split)
     labels = tf.constant(np.asarray(split.labels))
-    count = len(split.labels)
     image_shape = split.images.shape[1:]
 
     def read(index):
@@ -103,46 +154,40 @@ def make_dataset(
             batch_labels = tf.one_hot(batch_labels, one_hot_classes)
         return tf.ensure_shape(images, [None, *image_shape]), batch_labels
 
-    def share(index):
-        # This worker's rows of a global batch: their positions in it, and their image indices.
-        positions = tf.range(rank, tf.shape(index, out_type=tf.int32)[0], workers)
-        return positions, tf.gather(index, positions)
+    return read
 
-    if shuffle_seed is None:
-        batches = tf.data.Dataset.range(count).batch(batch_size)
-        if workers > 1:
-            batches = batches.map(lambda index: share(index)[1])
-        return _without_autotuning(batches.map(read).prefetch(2))
 
-    seed = tf.constant(shuffle_seed, tf.int64)
+def _share(index: tf.Tensor, workers: int, rank: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Worker `rank`'s rows of a global batch: their positions in it, and their image indices."""
+    positions = tf.range(rank, tf.shape(index, out_type=tf.int32)[0], workers)
+    return positions, tf.gather(index, positions)
+
+
+def _shuffled_batches(seed: tf.Tensor, count: int, batch_size: int, first_epoch: int) -> tf.data.Dataset:
+    """(batch seed, image indices) of every batch from `first_epoch` on, each epoch a permutation of (seed, epoch)."""
 
     def epoch_batches(epoch):
         order = tf.random.experimental.stateless_shuffle(tf.range(count, dtype=tf.int64), seed=tf.stack([seed, epoch]))
         numbered = tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate()
-        return numbered.map(lambda number, index: (tf.stack([seed + 1, epoch * 1_000_000 + number]), index))
+        return numbered.map(
+            lambda number, index: (tf.stack([seed + BATCH_SEED_SALT, batch_seed_number(epoch, number)]), index)
+        )
 
-    if random_flip == "alternating":
-        # Derandomized flips (airbench, Jordan 2024): each image is seen both ways in any two
-        # consecutive epochs, from a fair coin per image in the first.
-        first_flips = tf.random.stateless_uniform([count], seed=tf.stack([seed, 2])) < 0.5
+    return tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
 
-    def read_and_augment(batch_seed, index):
-        positions = batch_length = None
-        if workers > 1:
-            batch_length = tf.shape(index, out_type=tf.int32)[0]
-            positions, index = share(index)
-        images, batch_labels = read(index)
-        if random_flip == "alternating":
-            odd_epoch = (batch_seed[1] // 1_000_000) % 2 == 1  # epoch_batches numbers a batch epoch * 1_000_000 + n
-            flips = tf.not_equal(tf.gather(first_flips, index), odd_epoch)
-            images = tf.where(flips[:, None, None, None], tf.reverse(images, [2]), images)
-        flip = random_flip is True
-        if flip or random_crop_padding or cutout_size:
-            images = augment(images, batch_seed, flip, random_crop_padding, cutout_size, positions, batch_length)
-        return images, batch_labels
 
-    batches = tf.data.Dataset.range(first_epoch, tf.int64.max).flat_map(epoch_batches)
-    return _without_autotuning(batches.map(read_and_augment, num_parallel_calls=2).prefetch(2))
+def _alternating_flips(seed: tf.Tensor, count: int):
+    """Derandomized flips (airbench, Jordan 2024): each image is seen both ways in any two
+    consecutive epochs, from a fair coin per image in the first. A function (images, their
+    indices, the batch seed) -> the images flipped as their epoch says."""
+    first_flips = tf.random.stateless_uniform([count], seed=tf.stack([seed, FIRST_FLIPS_SALT])) < 0.5
+
+    def flip(images, index, batch_seed):
+        odd_epoch = epoch_of(batch_seed) % 2 == 1
+        flips = tf.not_equal(tf.gather(first_flips, index), odd_epoch)
+        return tf.where(flips[:, None, None, None], tf.reverse(images, [2]), images)
+
+    return flip
 
 
 def _without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:

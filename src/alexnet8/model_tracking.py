@@ -1,4 +1,4 @@
-"""What training logs to MLflow besides its params: each epoch's metrics.
+"""What training logs to MLflow besides its params: each epoch's metrics, and the network's summary.
 
 Reads: the training history CSV (to log epochs an interrupted run finished but did not log).
 Writes: into the active MLflow run only.
@@ -23,16 +23,17 @@ from alexnet8.tracking import failure_reason, wait_for_tracking_server
 logger = logging.getLogger(__name__)
 
 
-class EpochMetricsToMlflow(keras.callbacks.Callback):
-    """Logs each epoch's metrics once, as step = the epoch's number (from 1), without ever holding training up.
+class EpochMetricsAndSummaryToMlflow(keras.callbacks.Callback):
+    """Logs the network's summary (`model_summary.txt`) and each epoch's metrics once, as step =
+    the epoch's number (from 1), without ever holding training up.
 
     A background thread sends each epoch's metrics after its checkpoint is saved (this callback
     comes last). When the tracking server does not answer, training goes on at full speed: the
     epochs not sent are kept (they are in the history CSV anyway) and sent, in order, once the
     server answers again; what is still unsent when training ends is sent by `log_missing_epochs`
     once training has ended, or by the rerun, which calls it at its start. Before sending, the
-    thread asks the run which epochs it has, so MLflow never misses nor repeats an epoch. The
-    network's summary is logged once, as `model_summary.txt`.
+    thread asks the run which epochs it has, so MLflow never misses nor repeats an epoch. Any other
+    error (a bug, not a server away) stops the thread and is raised in training at the next epoch's end.
     """
 
     RETRY_SECONDS = 10  # between attempts while the server does not answer
@@ -55,6 +56,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
         self._stop = threading.Event()  # training ended
         self._stopping = False
         self._server_away = False
+        self._failure: BaseException | None = None  # what stopped the thread, raised in training
         self._sender = threading.Thread(target=self._send_loop, name="epoch-metrics-to-mlflow", daemon=True)
         self._sender.start()
         self._wake.set()
@@ -65,6 +67,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
             self._unsent[number] = epoch_metrics(logs or {})
             self._timestamps[number] = int(time.time() * 1000)  # when the epoch ended, not when it is sent
         self._wake.set()
+        self._raise_failure()
 
     def on_train_end(self, logs=None):
         # A last round sends the last epoch, unless the server is away (log_missing_epochs tries
@@ -73,8 +76,19 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
         self._stop.set()
         self._wake.set()
         self._sender.join()
+        self._raise_failure()
+
+    def _raise_failure(self):
+        if self._failure is not None:
+            raise RuntimeError("sending the epochs' metrics to MLflow failed") from self._failure
 
     def _send_loop(self):
+        try:
+            self._send_until_stopped()
+        except BaseException as error:
+            self._failure = error
+
+    def _send_until_stopped(self):
         while True:
             if self._server_away:  # tried again every RETRY_SECONDS, not at each epoch's end
                 self._stop.wait(timeout=self.RETRY_SECONDS)
@@ -107,7 +121,7 @@ class EpochMetricsToMlflow(keras.callbacks.Callback):
                     sent.append(epoch)
                 with self._lock:
                     del self._unsent[epoch]
-        except Exception as error:  # noqa: BLE001 (any failure: keep the epochs, try again later)
+        except (MlflowException, OSError) as error:  # the server is away: keep the epochs, try again later
             if not self._server_away:
                 self._server_away = True
                 logger.warning(

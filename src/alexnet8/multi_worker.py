@@ -32,6 +32,7 @@ import tensorflow as tf
 from alexnet8 import library_patches
 from alexnet8.checkpoints import completed_epochs
 from alexnet8.errors import PipelineError
+from alexnet8.runtime import distribution_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -182,19 +183,43 @@ def create_strategy(cluster: Cluster) -> tf.distribute.MultiWorkerMirroredStrate
 
 @dataclass(frozen=True)
 class Worker:
-    """A joined cluster: this worker's place in it and the strategy it trains with."""
+    """Where this process trains: alone (`cluster` None, with this machine's strategy), or as one
+    worker of a joined cluster. What training does differently in a cluster, it asks of this."""
 
-    cluster: Cluster
     strategy: tf.distribute.Strategy
+    cluster: Cluster | None = None
 
     @property
     def is_chief(self) -> bool:
-        return self.cluster.is_chief
+        return self.cluster is None or self.cluster.is_chief
 
-    def distribute(self, make_dataset: Callable[[], tf.data.Dataset]) -> tf.distribute.DistributedDataset:
-        """This worker's own dataset as the strategy's input: no automatic sharding or rebatching,
-        since `make_dataset` already reads only this worker's share of each global batch."""
-        return self.strategy.distribute_datasets_from_function(lambda input_context: make_dataset())
+    @property
+    def workers(self) -> int:
+        return self.cluster.workers if self.cluster else 1
+
+    @property
+    def rank(self) -> int:
+        return self.cluster.rank if self.cluster else 0
+
+    def distribute(self, dataset: tf.data.Dataset) -> tf.data.Dataset | tf.distribute.DistributedDataset:
+        """The dataset as `fit` takes it: as it is alone; in a cluster, as the strategy's input, with
+        no automatic sharding or rebatching, since it already reads only this worker's share of
+        each global batch."""
+        if self.cluster is None:
+            return dataset
+        return self.strategy.distribute_datasets_from_function(lambda input_context: dataset)
+
+    def prepare_model(self, model: keras.Model, first_epoch: int, epochs: int, element_spec) -> None:
+        """In a cluster: check that all workers resume from `first_epoch`, and make `fit` run
+        (prepare_for_fit, for input of `element_spec`). Nothing alone."""
+        if self.cluster is not None:
+            self.agree_on_epoch(first_epoch, epochs)
+            prepare_for_fit(model, self.strategy, element_spec)
+
+    def failures_explained(self, checkpoint_dir: str | Path) -> contextlib.AbstractContextManager:
+        """In a cluster, peer_failures_explained: a dead or unreachable peer fails this worker with a
+        message saying how to resume."""
+        return peer_failures_explained(checkpoint_dir) if self.cluster else contextlib.nullcontext()
 
     def agree_on_epoch(self, first_epoch: int, epochs: int) -> None:
         """Fail on every worker unless all of them resume from the same epoch (from the same checkpoint)."""
@@ -228,14 +253,14 @@ def peer_failures_explained(checkpoint_dir: str | Path) -> Iterator[None]:
         ) from None
 
 
-def join_cluster(batch_size: int) -> Worker | None:
+def join_cluster(batch_size: int) -> Worker:
     """With `TF_CONFIG` set, join the cluster it describes (checking first that `batch_size`
-    splits over its workers); None without it. Call before any other TensorFlow op."""
+    splits over its workers); without it, train alone. Call before any other TensorFlow op."""
     cluster = cluster_from_environment()
     if cluster is None:
-        return None
+        return Worker(distribution_strategy())
     per_worker_batch_size(batch_size, cluster.workers)
-    return Worker(cluster, create_strategy(cluster))
+    return Worker(create_strategy(cluster), cluster)
 
 
 def _metrics_as_vectors(step: Callable) -> Callable:

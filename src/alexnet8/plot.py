@@ -9,6 +9,7 @@ logs both into the training's MLflow run (at its artifact root).
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,12 +18,12 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from alexnet8 import cli
 from alexnet8.dataset import load_description
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_path
 from alexnet8.metric_names import FIRST_EPOCH
-from alexnet8.reports import history_columns, predictions
+from alexnet8.reports import history_columns, read_predictions
+from alexnet8.run_record import read_run_file
 from alexnet8.tracking import reopen_pipeline_run
 
 logger = logging.getLogger(__name__)
@@ -99,20 +100,16 @@ def save_figure(figure: Figure, path: str | Path) -> None:
     logger.info("wrote %s", path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = cli.stage_parser("plot").parse_args(argv)
-
-    class_names = load_description(arguments.data)["class_names"]
+def main(arguments: argparse.Namespace, params: None = None) -> None:
+    """The stage, as `python -m alexnet8 plot` runs it (it reads no params)."""
+    read_run_file(arguments.run_file)  # a missing or damaged one fails before anything is written
+    class_names = load_description(arguments.data).class_names
     save_figure(curves_figure(read_history(arguments.history)), arguments.curves)
     save_figure(
-        confusion_figure(confusion_matrix(predictions(arguments.predictions), class_names), class_names),
+        confusion_figure(confusion_matrix(read_predictions(arguments.predictions), class_names), class_names),
         arguments.confusion,
     )
     with reopen_pipeline_run(arguments.run_file):
         # At the artifact root: MLflow's Compare page shows only the root's files side by side.
         mlflow.log_artifact(arguments.curves)
         mlflow.log_artifact(arguments.confusion)
-
-
-if __name__ == "__main__":
-    cli.run(main)

@@ -168,7 +168,7 @@ def workspace_classifier(
     from alexnet8 import classifier_model
     from alexnet8.served_model import read_record
 
-    class_names = load_description(prepared_dir)["class_names"]
+    class_names = load_description(prepared_dir).class_names
     model_path = Path(model_path)
     if not model_path.is_file():
         raise DataError(f"{model_path} not found: run the train stage first, or name a model with --model-uri")

@@ -14,20 +14,19 @@ The archive is read with numpy from its binary records (1 label byte, then 1024 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import tarfile
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from alexnet8 import cli
-from alexnet8.dataset import DATASET_FILE, SPLITS, image_file, label_file
+from alexnet8.dataset import DATASET_FILE, SPLITS, DatasetDescription, image_file, label_file
 from alexnet8.errors import DataError
 from alexnet8.files import atomic_directory, disk_full, file_md5, no_space_message, write_json
-from alexnet8.params import PreprocessParams, load_params
+from alexnet8.params import Params, PreprocessParams
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,7 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
                     np.save(temporary / file_name, array)
                     digests[file_name] = file_md5(temporary / file_name)
             description["md5"] = digests
-            write_json(temporary / DATASET_FILE, description)
+            write_json(temporary / DATASET_FILE, DatasetDescription(**description).as_written())
     except OSError as error:
         folder = Path(out_dir).resolve().parent
         if not disk_full(error, folder, needed):
@@ -177,11 +176,6 @@ def preprocess(archive_path: str | Path, out_dir: str | Path, params: Preprocess
     return description
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = cli.stage_parser("preprocess").parse_args(argv)
-    params = load_params(arguments.params)
+def main(arguments: argparse.Namespace, params: Params) -> None:
+    """The stage, as `python -m alexnet8 preprocess` runs it: `arguments` are its options, `params` validated."""
     preprocess(arguments.archive, arguments.out, params.preprocess, params.seed)
-
-
-if __name__ == "__main__":
-    cli.run(main)

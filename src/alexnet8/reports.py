@@ -64,6 +64,6 @@ def write_predictions(path: str | Path, labels: np.ndarray, predicted: np.ndarra
         )
 
 
-def predictions(path: str | Path) -> list[tuple[str, str]]:
+def read_predictions(path: str | Path) -> list[tuple[str, str]]:
     """(actual, predicted) class names of every test image, as write_predictions wrote them."""
     return [(row["actual"], row["predicted"]) for row in _csv_rows(path, "evaluate")]

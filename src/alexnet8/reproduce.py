@@ -45,6 +45,7 @@ from alexnet8 import cli, local_store, tracking
 from alexnet8.errors import PipelineError
 from alexnet8.files import file_md5
 from alexnet8.metric_names import EVALUATE_HEADLINE, TRAIN_HEADLINE
+from alexnet8.run_record import read_run_file
 from alexnet8.tensorflow_startup import load_tensorflow
 
 logger = logging.getLogger("alexnet8.reproduce")  # not __main__ under `python -m`
@@ -580,9 +581,7 @@ def _json_file(path: Path) -> dict | None:
 def read_outcome(client: mlflow.MlflowClient, workspace: Path, source: Source) -> Outcome:
     """What the pipeline in the workspace made: its runs (named by models/mlflow_run.json and
     models/served_model.json), its model's weights digest, and this machine and environment."""
-    training_id = (_json_file(workspace / "models" / "mlflow_run.json") or {}).get("run_id")
-    if training_id is None:
-        raise PipelineError(f"{workspace}/models/mlflow_run.json names no run: the pipeline did not log one")
+    training_id = read_run_file(workspace / "models" / "mlflow_run.json").run_id
     training = client.get_run(training_id)
     served = _json_file(workspace / "models" / "served_model.json") or {}
     evaluation = client.get_run(served["run_id"]) if "run_id" in served else _newest_evaluation(client, training)

@@ -1,7 +1,7 @@
 """MLflow runs for the train, evaluate and plot stages: one pipeline run is one MLflow run.
 
-Reads and writes the run file (`--run-file` in dvc.yaml, JSON: run id, experiment id, tracking
-URI): train starts the run and writes it; evaluate and plot read it to log into the same run.
+Reads and writes the run file (`--run-file` in dvc.yaml, run_record.py): train starts the run
+and writes it; evaluate and plot read it to log into the same run.
 
 Where runs go: `MLFLOW_TRACKING_URI` when set (a tracking server, a database); otherwise
 MLflow's default store in the project root (`mlflow.db`, artifacts in `mlruns/`), which a plain
@@ -38,9 +38,10 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
 from alexnet8 import library_patches, local_store
+from alexnet8.dataset import DatasetDescription
 from alexnet8.errors import PipelineError
-from alexnet8.files import write_json
 from alexnet8.params import Params
+from alexnet8.run_record import RunRecord, read_run_file, write_run_file
 
 logger = logging.getLogger(__name__)
 
@@ -335,8 +336,8 @@ def _authorization() -> dict[str, str]:
 
 def _recorded_run_id(path: Path) -> str | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))["run_id"]
-    except (OSError, ValueError, KeyError):
+        return read_run_file(path).run_id
+    except PipelineError:
         return None
 
 
@@ -362,7 +363,7 @@ def _start_or_continue(experiment_name: str, run_name: str, interrupted_run_file
 @contextlib.contextmanager
 def start_pipeline_run(
     experiment_name: str, run_name: str, run_file: str | Path, interrupted_run_file: str | Path | None = None
-) -> Iterator[dict[str, str]]:
+) -> Iterator[RunRecord]:
     """Start the pipeline's run (or continue an interrupted one) and record it in `run_file`.
 
     `interrupted_run_file` is a file in the training's checkpoint folder: if it names a run, that
@@ -383,15 +384,13 @@ def start_pipeline_run(
             run.info.experiment_id,
             mlflow.get_tracking_uri(),
         )
-        record = {
-            "run_id": run.info.run_id,
-            "experiment_id": run.info.experiment_id,
-            "tracking_uri": mlflow.get_tracking_uri(),
-        }
+        record = RunRecord(
+            run_id=run.info.run_id, experiment_id=run.info.experiment_id, tracking_uri=mlflow.get_tracking_uri()
+        )
         if interrupted_run_file:
-            write_json(interrupted_run_file, record)
+            write_run_file(interrupted_run_file, record)
         yield record
-        write_json(run_file, record)
+        write_run_file(run_file, record)
 
 
 @contextlib.contextmanager
@@ -409,32 +408,19 @@ def _ended(run: mlflow.ActiveRun) -> Iterator[None]:
     end_run("FINISHED")
 
 
-def read_run_file(run_file: str | Path) -> dict[str, str]:
-    """The record the train stage wrote in `run_file` (run and experiment ids, tracking URI)."""
-    run_file = Path(run_file)
-    try:
-        recorded = json.loads(run_file.read_text(encoding="utf-8"))
-        recorded["run_id"]
-    except FileNotFoundError:
-        raise PipelineError(f"{run_file} not found: run the train stage first") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise PipelineError(f"{run_file}: not a run file written by the train stage ({error})") from None
-    return recorded
-
-
 @contextlib.contextmanager
-def reopen_pipeline_run(run_file: str | Path) -> Iterator[dict[str, str]]:
+def reopen_pipeline_run(run_file: str | Path) -> Iterator[RunRecord]:
     """Reopen the finished run that the train stage recorded in `run_file`, for a later stage to
     log into; the block gets the run file's record. The run ends FINISHED again, or FAILED on error;
     an MLflow error in the block (a server gone away) becomes a PipelineError saying to rerun."""
     use_project_store()
     recorded = read_run_file(run_file)
-    run_id = recorded["run_id"]
+    run_id = recorded.run_id
     try:
         run = mlflow.start_run(run_id=run_id)
     except MlflowException as error:
         raise PipelineError(
-            f"MLflow run {run_id} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot be "
+            f"MLflow run {run_id} (from {run_file}, logged to {recorded.tracking_uri}) cannot be "
             f"reopened at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
     with _ended(run), _mlflow_errors_say_rerun(run_id):
@@ -449,15 +435,15 @@ def start_evaluation_run(run_file: str | Path, run_name: str) -> Iterator[mlflow
     becomes a PipelineError saying to rerun."""
     use_project_store()
     recorded = read_run_file(run_file)
-    parent = recorded["run_id"]
+    parent = recorded.run_id
     # Under `mlflow run`, MLFLOW_RUN_ID names the project's run (the parent): MLflow would
     # resume it instead of starting the child.
     os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        run = mlflow.start_run(experiment_id=recorded.get("experiment_id"), run_name=run_name, parent_run_id=parent)
+        run = mlflow.start_run(experiment_id=recorded.experiment_id, run_name=run_name, parent_run_id=parent)
     except MlflowException as error:
         raise PipelineError(
-            f"MLflow run {parent} (from {run_file}, logged to {recorded.get('tracking_uri')}) cannot take an "
+            f"MLflow run {parent} (from {run_file}, logged to {recorded.tracking_uri}) cannot take an "
             f"evaluation at {mlflow.get_tracking_uri()}: {error.message}"
         ) from None
     with _ended(run), _mlflow_errors_say_rerun(run.info.run_id):
@@ -498,7 +484,11 @@ def archive_dataset(url: str, archive_md5: str) -> MetaDataset:
 
 
 def log_run_inputs(
-    params: Params, params_file: str | Path, description: dict, prepared_md5: str, derived: Mapping | None = None
+    params: Params,
+    params_file: str | Path,
+    description: DatasetDescription,
+    prepared_md5: str,
+    derived: Mapping | None = None,
 ) -> None:
     """Into the active run: every param, the `derived` values (as `derived.<key>` params), the
     data set (name, the archive's md5, its URL), the provenance tags, and as artifacts the params
@@ -510,19 +500,19 @@ def log_run_inputs(
     training_params = {key: value for key, value in params.flat().items() if not key.startswith(EVALUATE_PREFIX)}
     mlflow.log_params(training_params | {f"derived.{key}": value for key, value in derived.items()})
     data_tags = {
-        "data.archive_md5": description["archive_md5"],
+        "data.archive_md5": description.archive_md5,
         "data.prepared_md5": prepared_md5,
-        "data.sizes": json.dumps(description["sizes"]),
+        "data.sizes": json.dumps(description.sizes),
     }
     mlflow.set_tags(provenance_tags() | data_tags)
-    mlflow.log_input(archive_dataset(params.fetch.url, description["archive_md5"]), context="training")
+    mlflow.log_input(archive_dataset(params.fetch.url, description.archive_md5), context="training")
     mlflow.log_artifact(str(params_file), artifact_path="provenance")
     if Path("dvc.lock").exists():  # the upstream stages' data and code hashes, as of this run
         mlflow.log_artifact("dvc.lock", artifact_path="provenance")
     mlflow.log_text(installed_packages(), "provenance/packages.txt")
     _log_uncommitted_changes()
     # Class names, split sizes, the normalization and its statistics: what the data was.
-    mlflow.log_dict(description, "provenance/dataset.json")
+    mlflow.log_dict(description.as_written(), "provenance/dataset.json")
 
 
 def main(argv: list[str] | None = None) -> None:

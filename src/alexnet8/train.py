@@ -16,6 +16,7 @@ chief does all of the above; the other workers train their share of each batch a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import math
@@ -29,21 +30,20 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from alexnet8 import cli
 from alexnet8.checkpoints import (
     HISTORY_FILE,
     RUN_RECORD_FILE,
     EpochCheckpoint,
     EpochHistory,
     SavedEpoch,
-    checkpoint_dir_for,
+    delete_other_checkpoint_dirs,
     disk_space_explained,
     latest_saved_epoch,
     recover_run_record,
     restore_state,
     training_key,
 )
-from alexnet8.dataset import Split, dataset_digest, load_description, load_split
+from alexnet8.dataset import DatasetDescription, Split, dataset_digest, load_description, load_split
 from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, disk_full, no_space_message, write_json, write_text
@@ -55,19 +55,12 @@ from alexnet8.model import (
     refit_batch_norm_statistics,
     saved_weights_digest,
 )
-from alexnet8.model_tracking import EpochMetricsToMlflow, log_missing_epochs
-from alexnet8.multi_worker import (
-    WORKERS_TAG,
-    Worker,
-    check_last_batch,
-    join_cluster,
-    offset_dropout_seeds,
-    peer_failures_explained,
-    prepare_for_fit,
-)
+from alexnet8.model_tracking import EpochMetricsAndSummaryToMlflow, log_missing_epochs
+from alexnet8.multi_worker import WORKERS_TAG, Worker, check_last_batch, join_cluster, offset_dropout_seeds
 from alexnet8.optimization import build_compiled_model
-from alexnet8.params import TrainParams, load_params
+from alexnet8.params import Params, TrainParams
 from alexnet8.reports import history_columns
+from alexnet8.run_record import RunRecord
 from alexnet8.runtime import configure_runtime, distribution_strategy, machine_facts
 from alexnet8.tracking import (
     WEIGHTS_DIGEST_TAG,
@@ -83,8 +76,9 @@ logger = logging.getLogger(__name__)
 MODEL_BYTES_ESTIMATE = 40_000_000  # a full-size AlexNet8 `.keras` file without optimizer state: 39 MB
 
 
-class TrainingDiverged(PipelineError):
-    """The loss became NaN or infinite."""
+class TrainingNotFinished(PipelineError):
+    """Training stopped before its last epoch (TerminateOnNaN stops it at a NaN loss), or its loss
+    became NaN or infinite."""
 
 
 def train_model(
@@ -104,77 +98,102 @@ def train_model(
     interrupted.
 
     The caller deletes `checkpoint_dir` once the model is safe. Returns the model and the
-    per-epoch history of all epochs, including those of the interrupted run. With `worker`, this
-    is one worker of a multi-worker training: a worker other than the chief reads the chief's
-    `checkpoint_dir` to resume from and writes nothing there.
+    per-epoch history of all epochs, including those of the interrupted run. `worker` says where
+    this process trains (multi_worker.Worker; by default alone): a worker other than the chief
+    reads the chief's `checkpoint_dir` to resume from and writes nothing there.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    chief = worker is None or worker.is_chief
+    worker = worker or Worker(distribution_strategy())
     keras.utils.set_random_seed(seed)
     steps_per_epoch = math.ceil(len(train_split.labels) / params.batch_size)
-    strategy = worker.strategy if worker else distribution_strategy()
-    with strategy.scope():
-        model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
-        if params.whitening_images:
-            initialize_conv1_whitening(model, train_split.images[: params.whitening_images])
-        model.optimizer.build(model.trainable_variables)  # its variables exist, to restore into
-        resumed = latest_saved_epoch(checkpoint_dir, model, writer=chief)
-        first_epoch = resumed.epoch if resumed else 0
-        if resumed:
-            logger.info("resuming from %s after epoch %d of %d", resumed.path, first_epoch, params.epochs)
-            restore_state(model, resumed)
-        if worker:
-            offset_dropout_seeds(model, worker.cluster.rank)
-    with disk_space_explained(checkpoint_dir), _history_file(checkpoint_dir, chief, resumed) as history_path:
-        one_hot = one_hot_length(params, num_classes)
-        train_data = training_dataset(params, train_split, seed, num_classes, first_epoch=first_epoch)
-        validation_data = make_dataset(validation_split, params.batch_size, one_hot_classes=one_hot)
-        if worker:
-            workers, rank = worker.cluster.workers, worker.cluster.rank
-            worker.agree_on_epoch(first_epoch, params.epochs)
-            prepare_for_fit(model, strategy, train_data.element_spec)
-            train_data = worker.distribute(
-                lambda: training_dataset(params, train_split, seed, num_classes, first_epoch, workers, rank)
-            )
-            validation_data = worker.distribute(
-                lambda: make_dataset(
-                    validation_split, params.batch_size, one_hot_classes=one_hot, workers=workers, rank=rank
-                )
-            )
-        # A dead or unreachable peer fails this worker with a message saying how to resume.
-        with peer_failures_explained(checkpoint_dir) if worker else contextlib.nullcontext():
+    model, resumed = _built_model(
+        params, train_split.images, num_classes, steps_per_epoch, normalization, checkpoint_dir, worker
+    )
+    first_epoch = resumed.epoch if resumed else 0
+    with (
+        disk_space_explained(checkpoint_dir),
+        _history_file(checkpoint_dir, worker.is_chief, resumed) as history_path,
+    ):
+        train_data = training_dataset(params, train_split, seed, num_classes, first_epoch, worker.workers, worker.rank)
+        validation_data = make_dataset(
+            validation_split,
+            params.batch_size,
+            one_hot_classes=one_hot_length(params, num_classes),
+            workers=worker.workers,
+            rank=worker.rank,
+        )
+        worker.prepare_model(model, first_epoch, params.epochs, train_data.element_spec)
+        with worker.failures_explained(checkpoint_dir):
             model.fit(
-                train_data,
-                validation_data=validation_data,
+                worker.distribute(train_data),
+                validation_data=worker.distribute(validation_data),
                 epochs=params.epochs,
                 initial_epoch=first_epoch,
                 steps_per_epoch=steps_per_epoch,
                 shuffle=False,  # the dataset shuffles itself, per epoch
-                callbacks=[
-                    # Progress within each epoch (a bar on a terminal, a log line every ~10%
-                    # otherwise), then its metrics.
-                    EpochProgress(steps_per_epoch, params.batch_size),
-                    keras.callbacks.TerminateOnNaN(),
-                    # The epoch's history row is written before its checkpoint set, which holds it
-                    # and marks the epoch done (the chief's); MLflow is told after it (see
-                    # EpochMetricsToMlflow).
-                    EpochHistory(history_path),
-                    *([EpochCheckpoint(checkpoint_dir, history_path)] if chief else []),
-                    *([EpochMetricsToMlflow(history_path)] if log_to_mlflow else []),
-                    *callbacks,
-                ],
+                callbacks=_epoch_callbacks(params, steps_per_epoch, checkpoint_dir, history_path, worker, log_to_mlflow)
+                + list(callbacks),
                 verbose=0,  # EpochProgress reports instead
             )
         history = history_columns(history_path)
-        losses = history.get("train/loss", [])
-        if len(losses) < params.epochs or not np.all(np.isfinite(losses)):
-            if chief:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a diverged state is nothing to resume from
-            raise TrainingDiverged(
-                f"training stopped at epoch {len(losses)} of {params.epochs}: the loss became "
-                f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
-            )
+        _check_finished(history, params.epochs, checkpoint_dir, worker.is_chief)
         return model, history
+
+
+def _built_model(
+    params: TrainParams,
+    train_images: np.ndarray,
+    num_classes: int,
+    steps_per_epoch: int,
+    normalization: Mapping | None,
+    checkpoint_dir: Path,
+    worker: Worker,
+) -> tuple[keras.Model, SavedEpoch | None]:
+    """The compiled model, in the state of the last epoch saved in `checkpoint_dir` if any (and that epoch)."""
+    with worker.strategy.scope():
+        model = build_compiled_model(params, num_classes, steps_per_epoch, normalization)
+        if params.whitening_images:
+            initialize_conv1_whitening(model, train_images[: params.whitening_images])
+        model.optimizer.build(model.trainable_variables)  # its variables exist, to restore into
+        resumed = latest_saved_epoch(checkpoint_dir, model, writer=worker.is_chief)
+        if resumed:
+            logger.info("resuming from %s after epoch %d of %d", resumed.path, resumed.epoch, params.epochs)
+            restore_state(model, resumed)
+        offset_dropout_seeds(model, worker.rank)
+    return model, resumed
+
+
+def _epoch_callbacks(
+    params: TrainParams,
+    steps_per_epoch: int,
+    checkpoint_dir: Path,
+    history_path: Path,
+    worker: Worker,
+    log_to_mlflow: bool,
+) -> list[keras.callbacks.Callback]:
+    return [
+        # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
+        EpochProgress(steps_per_epoch, params.batch_size),
+        keras.callbacks.TerminateOnNaN(),
+        # The epoch's history row is written before its checkpoint set, which holds it and marks
+        # the epoch done (the chief's); MLflow is told after it (see EpochMetricsAndSummaryToMlflow).
+        EpochHistory(history_path),
+        *([EpochCheckpoint(checkpoint_dir, history_path)] if worker.is_chief else []),
+        *([EpochMetricsAndSummaryToMlflow(history_path)] if log_to_mlflow else []),
+    ]
+
+
+def _check_finished(history: dict[str, list[float]], epochs: int, checkpoint_dir: Path, chief: bool) -> None:
+    """TrainingNotFinished unless every epoch ran with a finite loss; the chief then deletes the
+    checkpoint folder: a diverged state is nothing to resume from."""
+    losses = history.get("train/loss", [])
+    if len(losses) < epochs or not np.all(np.isfinite(losses)):
+        if chief:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        raise TrainingNotFinished(
+            f"training stopped at epoch {len(losses)} of {epochs}: the loss became "
+            f"{losses[-1] if losses else 'NaN'}; try a smaller train.learning_rate. No model was saved."
+        )
 
 
 @contextlib.contextmanager
@@ -213,44 +232,61 @@ def save_model(model: keras.Model, path: Path, refit_images: np.ndarray | None =
     logger.info("saved %s", path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    arguments = cli.stage_parser("train").parse_args(argv)
-    params = load_params(arguments.params)
+def main(arguments: argparse.Namespace, params: Params) -> None:
+    """The stage, as `python -m alexnet8 train` runs it: `arguments` are its options, `params` validated."""
     # With TF_CONFIG: the multi-worker strategy, made before any other TensorFlow op.
     worker = join_cluster(params.train.batch_size)
-    chief = worker is None or worker.is_chief
-    if chief:
+    if worker.is_chief:
         check_tracking_server()
-
     description = load_description(arguments.data)
     train_split = load_split(arguments.data, "train")
     validation_split = load_split(arguments.data, "validation")
-    if worker is not None:
-        check_last_batch(len(train_split.labels), params.train.batch_size, worker.cluster.workers)
-    train_params = configure_runtime(params.train, multi_worker=worker is not None)  # `jit_compile: auto` resolved
-    if not chief:
-        # Trains its share of each batch in step with the chief, which alone logs and writes.
-        train_model(
+    check_last_batch(len(train_split.labels), params.train.batch_size, worker.workers)
+    # `jit_compile: auto` resolved for this machine
+    train_params = configure_runtime(params.train, multi_worker=worker.cluster is not None)
+    checkpoint = Path(arguments.checkpoints) / training_key(params, description)
+    if worker.is_chief:  # which keeps this training's checkpoint folder alone; the other workers only read it
+        delete_other_checkpoint_dirs(arguments.checkpoints, checkpoint.name)
+    with _chief_run(arguments, params, train_params, description, checkpoint, worker) as record:
+        model, history = train_model(
             train_params,
             params.seed,
             train_split,
             validation_split,
-            num_classes=len(description["class_names"]),
-            checkpoint_dir=Path(arguments.checkpoints) / training_key(params, description),
-            normalization=description["normalization"],
+            num_classes=len(description.class_names),
+            checkpoint_dir=checkpoint,
+            log_to_mlflow=worker.is_chief,
+            normalization=description.normalization.model_dump(exclude_none=True),
             worker=worker,
         )
-        logger.info("%s done: the chief saves the model and logs the run", worker.cluster.task)
-        return
-    this_checkpoint = checkpoint_dir_for(arguments.checkpoints, training_key(params, description))
-    recover_run_record(this_checkpoint)
+        if record is None:  # a worker other than the chief trained its share of each batch
+            logger.info("%s done: the chief saves the model and logs the run", worker.cluster.task)
+            return
+        refit_images = train_split.images[: train_params.batch_norm_refit_images]
+        _write_outputs(arguments, model, history, checkpoint, record, refit_images)
+    shutil.rmtree(checkpoint, ignore_errors=True)
 
-    run_name = default_run_name(params)
+
+@contextlib.contextmanager
+def _chief_run(
+    arguments: argparse.Namespace,
+    params: Params,
+    train_params: TrainParams,
+    description: DatasetDescription,
+    checkpoint: Path,
+    worker: Worker,
+) -> Iterator[RunRecord | None]:
+    """For the chief, the pipeline's MLflow run (continuing the interrupted one), its inputs logged;
+    None for the other workers, which log nothing."""
+    if not worker.is_chief:
+        yield None
+        return
+    recover_run_record(checkpoint)
     with start_pipeline_run(
         params.mlflow.experiment_name,
-        run_name,
+        default_run_name(params),
         arguments.run_file,
-        interrupted_run_file=this_checkpoint / RUN_RECORD_FILE,
+        interrupted_run_file=checkpoint / RUN_RECORD_FILE,
     ) as record:
         log_run_inputs(
             params,
@@ -259,35 +295,32 @@ def main(argv: Sequence[str] | None = None) -> None:
             dataset_digest(arguments.data),
             derived={"jit_compile": train_params.jit_compile},
         )
-        mlflow.set_tag(WORKERS_TAG, str(worker.cluster.workers if worker else 1))
+        mlflow.set_tag(WORKERS_TAG, str(worker.workers))
         mlflow.set_tags(machine_facts())  # what decides bit-identity elsewhere (reproduce.py)
-        model, history = train_model(
-            train_params,
-            params.seed,
-            train_split,
-            validation_split,
-            num_classes=len(description["class_names"]),
-            checkpoint_dir=this_checkpoint,
-            log_to_mlflow=True,
-            normalization=description["normalization"],
-            worker=worker,
-        )
-        save_model(model, Path(arguments.model), train_split.images[: train_params.batch_norm_refit_images])
-        with atomic_path(arguments.history) as temporary:
-            shutil.copyfile(this_checkpoint / HISTORY_FILE, temporary)
-        write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
-        try:
-            log_missing_epochs(this_checkpoint / HISTORY_FILE)  # those the server missed while it was away
-            mlflow.set_tag(WEIGHTS_DIGEST_TAG, saved_weights_digest(arguments.model))
-        except MlflowException as error:  # the server is down
-            raise PipelineError(
-                f"the model is trained and saved in {arguments.model}, but MLflow at {record['tracking_uri']} "
-                f"does not take its last epochs' metrics ({failure_reason(error)}): rerun once the server answers "
-                f"again; `dvc repro` resumes after the last epoch (from {this_checkpoint}) and logs them into the "
-                "same run."
-            ) from None
-    shutil.rmtree(this_checkpoint, ignore_errors=True)
+        yield record
 
 
-if __name__ == "__main__":
-    cli.run(main, interrupted=cli.STAGES["train"].interrupted)
+def _write_outputs(
+    arguments: argparse.Namespace,
+    model: keras.Model,
+    history: dict[str, list[float]],
+    checkpoint: Path,
+    record: RunRecord,
+    refit_images: np.ndarray,
+) -> None:
+    """The model (its batch-norm statistics refit on `refit_images`, if any), history and metrics
+    files; then the epochs MLflow missed and the weights' digest."""
+    save_model(model, Path(arguments.model), refit_images)
+    with atomic_path(arguments.history) as temporary:
+        shutil.copyfile(checkpoint / HISTORY_FILE, temporary)
+    write_json(arguments.metrics, headline({name: values[-1] for name, values in history.items()}, TRAIN_HEADLINE))
+    try:
+        log_missing_epochs(checkpoint / HISTORY_FILE)  # those the server missed while it was away
+        mlflow.set_tag(WEIGHTS_DIGEST_TAG, saved_weights_digest(arguments.model))
+    except MlflowException as error:  # the server is down
+        raise PipelineError(
+            f"the model is trained and saved in {arguments.model}, but MLflow at {record.tracking_uri} "
+            f"does not take its last epochs' metrics ({failure_reason(error)}): rerun once the server answers "
+            f"again; `dvc repro` resumes after the last epoch (from {checkpoint}) and logs them into the "
+            "same run."
+        ) from None
