@@ -67,7 +67,7 @@ reproduce: setup
 # 127.0.0.1; `dvc commit -f train` then records its outputs (docs/scaling.md).
 WORKERS ?= 2
 train-workers: setup
-	python -m alexnet8.workers --workers $(WORKERS)
+	python -m alexnet8.launch_workers --workers $(WORKERS)
 
 # MLflow 3's UI opens in its GenAI view: the address printed opens the runs table in model-training
 # mode with the project's columns (alexnet8.tracking.runs_page_url).

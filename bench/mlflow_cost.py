@@ -34,10 +34,10 @@ def main() -> None:
 
     import numpy as np
 
-    from alexnet8.classifier_model import view_config
     from alexnet8.dataset import DatasetDescription
-    from alexnet8.model import build_alexnet8
-    from alexnet8.model_tracking import EpochMetricsAndSummaryToMlflow
+    from alexnet8.epoch_logging import EpochMetricsAndSummaryToMlflow
+    from alexnet8.image_classifier import view_config
+    from alexnet8.network import build_alexnet8
     from alexnet8.params import load_params
     from alexnet8.served_model import log_classifier
     from alexnet8.tracking import log_run_inputs, start_pipeline_run

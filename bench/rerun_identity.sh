@@ -43,7 +43,7 @@ digest() {
   python - <<'PY'
 import keras
 
-from alexnet8.model import weights_digest
+from alexnet8.network import weights_digest
 
 print(weights_digest(keras.models.load_model("models/model.keras")), " model weights")
 PY

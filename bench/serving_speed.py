@@ -333,7 +333,7 @@ def server_side(model, images: np.ndarray, photos: list[bytes], repeats: int = 5
 
 def with_views(model, images: np.ndarray, calls: int) -> list[Timing]:
     """In-process, at batch 256: the same network with each test-time view setting."""
-    from alexnet8.classifier_model import ImageClassifier, view_config
+    from alexnet8.image_classifier import ImageClassifier, view_config
     from alexnet8.preprocess import CLASS_NAMES
 
     network = model.unwrap_python_model().network
@@ -421,8 +421,8 @@ def main() -> None:
     import mlflow
     import requests
 
-    from alexnet8.classifier_model import view_config
-    from alexnet8.model import build_alexnet8
+    from alexnet8.image_classifier import view_config
+    from alexnet8.network import build_alexnet8
     from alexnet8.preprocess import CLASS_NAMES
     from alexnet8.served_model import log_classifier
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import load_script
 
-from alexnet8.model import build_alexnet8
+from alexnet8.network import build_alexnet8
 from alexnet8.optimization import build_compiled_model
 
 

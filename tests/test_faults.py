@@ -272,7 +272,7 @@ def test_an_interrupted_stage_other_than_train_does_not_talk_about_training():
 
 @pytest.mark.parametrize("damage", ["truncated", "overwritten", "empty"])
 def test_a_damaged_model_file_says_what_is_wrong_not_safe_mode(tmp_path, damage):
-    from alexnet8.model import build_alexnet8
+    from alexnet8.network import build_alexnet8
 
     path = tmp_path / "model.keras"
     build_alexnet8(dense_units=8).save(path)
@@ -332,7 +332,7 @@ def _restore_command(message: str) -> list[str]:
 def test_the_restore_command_the_messages_give_works_with_real_dvc(prepared_dir, tmp_path, monkeypatch):
     """`dvc checkout <path>` refuses to replace a changed output (exit 255, "Use --force"): the
     command the messages give must restore a damaged prepared array and model file."""
-    from alexnet8.model import build_alexnet8
+    from alexnet8.network import build_alexnet8
 
     project = tmp_path / "project"
     project.mkdir()
@@ -399,7 +399,7 @@ def test_dvcs_cache_on_a_full_disk_is_repaired_by_the_commands_the_docs_give(sma
 def test_a_full_disk_when_the_model_is_saved_names_the_folder_and_leaves_no_file(tmp_path, monkeypatch):
     import errno
 
-    from alexnet8.model import build_alexnet8
+    from alexnet8.network import build_alexnet8
 
     def full_disk(self, path, *args, **kwargs):
         Path(path).write_bytes(b"half a model")

@@ -16,7 +16,7 @@ from helpers import PROJECT_ROOT
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from alexnet8 import classifier_model, library_patches
+from alexnet8 import image_classifier, library_patches
 from alexnet8.library_patches import CHECKED, FENCES, LibraryVersionError
 
 # A version below each checked range, and one past it.
@@ -58,10 +58,10 @@ def test_every_locked_version_of_a_patched_library_is_checked():
 
 
 def test_the_served_models_own_numpy_check_has_the_fences_range():
-    assert SpecifierSet(classifier_model.NUMPY_CHECKED) == SpecifierSet(CHECKED["numpy"])
-    classifier_model.check_numpy_version()
+    assert SpecifierSet(image_classifier.NUMPY_CHECKED) == SpecifierSet(CHECKED["numpy"])
+    image_classifier.check_numpy_version()
     with pytest.raises(RuntimeError, match=r"numpy 2\.6\.0 is installed, .*checked on numpy>=2\.4\.6,<2\.6 only"):
-        classifier_model.check_numpy_version("2.6.0")
+        image_classifier.check_numpy_version("2.6.0")
 
 
 def test_the_patch_sites_check_their_fences(monkeypatch, tmp_path):
@@ -105,7 +105,7 @@ def test_the_fences_tests_are_listed_by_library():
 @pytest.mark.parametrize(
     ("module", "shown"),
     [
-        ("alexnet8.model", True),
+        ("alexnet8.network", True),
         ("keras.src.models.model", True),
         ("tensorflow.python.framework.ops", True),
         ("mlflow.tracking.fluent", True),

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from helpers import PROJECT_ROOT, load_script, write_params
 
-from alexnet8 import workers
+from alexnet8 import launch_workers as workers
 from alexnet8.checkpoints import save_epoch
 from alexnet8.dataset import load_split
 from alexnet8.errors import PipelineError
@@ -193,7 +193,7 @@ def _train_command(folder: Path, prepared_dir: Path, params_file: Path) -> list[
 
 
 def _launch(workers_count: int, command: list[str], environment, timeout=240) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "alexnet8.workers", "--workers", str(workers_count), "--", *command]
+    launcher = [sys.executable, "-m", "alexnet8.launch_workers", "--workers", str(workers_count), "--", *command]
     return subprocess.run(launcher, env=environment, capture_output=True, text=True, timeout=timeout)
 
 

@@ -89,7 +89,7 @@ def test_the_fused_update_runs_inside_an_xla_compiled_training_step(default_para
     [("adam", "float32"), ("adamw", "float32"), ("sgd", "float32"), ("adam", "mixed_float16")],
 )
 def test_a_model_trained_with_a_fused_optimizer_saves_with_keras_own(default_params, tmp_path, optimizer, precision):
-    from alexnet8.model import portable_model
+    from alexnet8.network import portable_model
 
     params = default_params.train.model_copy(update={"dense_units": 16, "optimizer": optimizer, "momentum": 0.9})
     keras.mixed_precision.set_global_policy(precision)  # mixed_float16 wraps the optimizer in a loss scaler

@@ -111,7 +111,7 @@ def test_second_repro_runs_nothing(project):
 def _weights_digest(model_path: Path) -> str:
     import keras
 
-    from alexnet8.model import weights_digest
+    from alexnet8.network import weights_digest
 
     return weights_digest(keras.models.load_model(model_path))
 

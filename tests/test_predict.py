@@ -22,10 +22,10 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from alexnet8 import cli, predict
-from alexnet8.classifier_model import images_pixels, view_config
 from alexnet8.dataset import DATASET_FILE
 from alexnet8.errors import DataError
-from alexnet8.model import build_alexnet8
+from alexnet8.image_classifier import images_pixels, view_config
+from alexnet8.network import build_alexnet8
 from alexnet8.served_model import log_classifier
 
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -43,7 +43,14 @@ def workspace(tmp_path_factory) -> tuple[Path, Path]:
     build_alexnet8(dense_units=16).save(model_path)
     prepared = folder / "prepared"
     prepared.mkdir()
-    (prepared / DATASET_FILE).write_text(json.dumps({"class_names": CLASS_NAMES}))
+    description = {
+        "class_names": CLASS_NAMES,
+        "sizes": {"train": 0, "validation": 0, "test": 0},
+        "normalization": {"name": "unit"},
+        "archive_md5": "0" * 32,
+        "seed": 0,
+    }
+    (prepared / DATASET_FILE).write_text(json.dumps(description))
     return model_path, prepared
 
 

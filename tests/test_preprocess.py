@@ -63,7 +63,7 @@ def test_split_is_seeded_disjoint_and_complete(tiny_archive, tmp_path):
 def test_standardize_uses_training_statistics_only(tiny_archive, tmp_path):
     import keras
 
-    from alexnet8.model import build_alexnet8
+    from alexnet8.network import build_alexnet8
 
     params = PreprocessParams(validation_fraction=0.1, normalization="standardize")
     description = preprocess(tiny_archive[0], tmp_path / "std", params, seed=42)

@@ -120,7 +120,7 @@ def test_only_code_changes_are_restored_from_a_diff_not_params_lock_or_outputs()
             "dvc.lock",
             "reports/train_history.csv",
             "data/prepared/x.npy",
-            "src/alexnet8/model.py",
+            "src/alexnet8/network.py",
         )
     )
     lock = yaml.safe_dump(
@@ -131,7 +131,7 @@ def test_only_code_changes_are_restored_from_a_diff_not_params_lock_or_outputs()
             }
         }
     )
-    assert code_changes(diff, lock) == ["src/alexnet8/model.py"]
+    assert code_changes(diff, lock) == ["src/alexnet8/network.py"]
 
 
 @pytest.mark.parametrize("reference", ["models:/alexnet8-cifar10", "champion", "12345", ""])

@@ -41,8 +41,8 @@ from helpers import activated_environment, free_port, write_params
 from PIL import Image
 
 from alexnet8.__main__ import run_stage
-from alexnet8.classifier_model import MAX_IMAGES, ImageClassifier
 from alexnet8.dataset import load_split
+from alexnet8.image_classifier import MAX_IMAGES, ImageClassifier
 from alexnet8.predict import predict_files, workspace_classifier
 from alexnet8.preprocess import CLASS_NAMES
 from alexnet8.registry import CHAMPION
@@ -243,7 +243,7 @@ def images_json(count: int, value: object = 0, shape: tuple[int, ...] = (32, 32,
 
 
 def test_pixels_are_whole_levels_fractions_rounded_and_the_compact_form_is_the_same(server, test_images):
-    """What the module docstring of classifier_model.py tells: fractions are rounded."""
+    """What the module docstring of image_classifier.py tells: fractions are rounded."""
     assert server.predict(json.loads(images_json(1, 12.7))) == server.predict(json.loads(images_json(1, 13)))
     raw = [base64.b64encode(image.tobytes()).decode() for image in test_images]
     assert server.predict({"inputs": {"pixels": raw}}) == server.predict({"inputs": test_images.tolist()})

@@ -18,7 +18,7 @@ from alexnet8.__main__ import run_stage
 from alexnet8.dataset import load_description, load_split
 from alexnet8.errors import PipelineError
 from alexnet8.metric_names import EPOCH_METRICS
-from alexnet8.model import weights_digest
+from alexnet8.network import weights_digest
 from alexnet8.runtime import cpu_features, machine_facts, xla_choice
 from alexnet8.tracking import RUNS_VIEW_TAG, runs_page_url
 

@@ -10,7 +10,7 @@ metrics`; MLflow gets these, the validation loss and each class's accuracy), `--
 `predict`).
 
 The served model is the trained network with the test-time views `evaluate.*` set
-(classifier_model.py); it is scored through the very code that serves it, so every number here
+(image_classifier.py); it is scored through the very code that serves it, so every number here
 is what its users get. Each evaluation is its own MLflow run, nested under the training's run,
 with the `evaluate.*` params, the metrics and the logged model; with a registered model name the
 model is a new version, made the `candidate`, and the `champion` if it is the best on the same
@@ -29,10 +29,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from alexnet8.classifier_model import ImageClassifier, view_config, views_per_image
 from alexnet8.dataset import DATASET_FILE, ImageReader, Split, load_description, load_split
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
+from alexnet8.image_classifier import ImageClassifier, view_config, views_per_image
 from alexnet8.metric_names import EVALUATE_HEADLINE, headline
 from alexnet8.params import Params
 from alexnet8.progress import progress_bar

@@ -95,7 +95,7 @@ PORTABLE_MODEL = Fence(
     "model.portable_model",
     "clone_model recompiling the clone from get_compile_config(), the optimizer's class looked up by name",
     "a saved model names Keras' own classes, not the fused ones, so it loads without this package",
-    ("tests/test_model.py", "tests/test_optimization.py"),
+    ("tests/test_network.py", "tests/test_optimization.py"),
 )
 LOCAL_STORE_PATHS = Fence(
     "mlflow",
@@ -111,11 +111,11 @@ MLFLOW_HTTP_RETRIES = Fence(
     "a tracking server that does not answer costs seconds, not minutes",
     ("tests/test_tracking.py", "tests/test_faults.py"),
 )
-# The served model cannot import this package: classifier_model.py repeats this check (and the
+# The served model cannot import this package: image_classifier.py repeats this check (and the
 # range, which tests/test_library_patches.py keeps equal to CHECKED["numpy"]).
 NUMPY_PRINT_OPTIONS = Fence(
     "numpy",
-    "classifier_model.ImageClassifier.load_context",
+    "image_classifier.ImageClassifier.load_context",
     "np.set_printoptions, process-wide, with formatters for strings and objects",
     "MLflow's scoring server puts the input's repr into its error messages: kept to a line",
     ("tests/test_serving.py",),

@@ -1,6 +1,6 @@
 """Training on several machines with TensorFlow's MultiWorkerMirroredStrategy, configured by `TF_CONFIG`.
 
-Reads: the `TF_CONFIG` environment variable (set by hand, by `python -m alexnet8.workers`, by a
+Reads: the `TF_CONFIG` environment variable (set by hand, by `python -m alexnet8.launch_workers`, by a
 Kubernetes TFJob or by Ray Train). Writes nothing.
 
 Every worker runs the same train stage command. Each step's global batch is `train.batch_size`

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 
 from alexnet8 import library_patches
-from alexnet8.model import build_alexnet8
+from alexnet8.network import build_alexnet8
 from alexnet8.params import TrainParams
 
 # Variables that `decay_norm_and_bias: false` keeps out of weight decay: batch norms' gamma and beta,

@@ -25,7 +25,7 @@ How a file becomes the model's 32 x 32 RGB input, in this order:
 4. Resized to 32 x 32 by averaging the source pixels under each target pixel (Pillow's BOX
    filter: no aliasing, no ringing), or with BICUBIC for the rare image smaller than 32 pixels.
    A 32 x 32 RGB file is used as it is, pixel for pixel.
-The served model decodes the image files sent to it with this same code (classifier_model.py).
+The served model decodes the image files sent to it with this same code (image_classifier.py).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def read_image(path: str | Path) -> tuple[np.ndarray, bool]:
     """The model's input for one image file (see the module docstring), and whether transparent
     pixels were composited on white; UnreadableImage naming the file if it can not be.
 
-    Decoded by the served model's own code (classifier_model.decode_image): the server, given the
+    Decoded by the served model's own code (image_classifier.decode_image): the server, given the
     same file, predicts the same pixels."""
-    from alexnet8.classifier_model import ImageError, decode_image  # imports MLflow: not for --help
+    from alexnet8.image_classifier import ImageError, decode_image  # imports MLflow: not for --help
 
     path = Path(path)
     try:
@@ -164,8 +164,8 @@ def workspace_classifier(
 ) -> Classifier:
     """The trained `.keras` model with dataset.json's class names and the test-time views the
     evaluate stage recorded in `served_record`, answering as the logged MLflow model does: it is
-    the same code (classifier_model.ImageClassifier). Without the record, one view per image."""
-    from alexnet8 import classifier_model
+    the same code (image_classifier.ImageClassifier). Without the record, one view per image."""
+    from alexnet8 import image_classifier
     from alexnet8.served_model import read_record
 
     class_names = load_description(prepared_dir).class_names
@@ -175,7 +175,7 @@ def workspace_classifier(
     if served_record is not None and Path(served_record).exists():
         views = read_record(served_record).views
     else:
-        views = classifier_model.view_config()
+        views = image_classifier.view_config()
         logger.info("no %s: one view per image (run the evaluate stage for the served model's views)", served_record)
     try:
         network = keras_model(model_path)
@@ -189,7 +189,7 @@ def workspace_classifier(
             f"{model_path} has {outputs} outputs but {Path(prepared_dir) / DATASET_FILE} names "
             f"{len(class_names)} classes: the model was not trained on this data"
         )
-    classifier = classifier_model.ImageClassifier.assembled(network, class_names, views)
+    classifier = image_classifier.ImageClassifier.assembled(network, class_names, views)
     return lambda pixels: classifier.predict(None, pixels)
 
 

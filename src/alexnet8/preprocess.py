@@ -6,7 +6,7 @@ Writes: the folder `--out` with `{train,validation,test}_{images,labels}.npy` (i
 RGB pixels, uint8 N x 32 x 32 x 3; labels uint8) that training reads batch by batch, and
 `dataset.json` (class names, split sizes, the normalization and its statistics, the archive's
 md5, the arrays' md5s). The folder appears complete or not at all. Pixels stay as they are: the
-model normalizes them itself (model.py), so what it is trained on is what a user has.
+model normalizes them itself (network.py), so what it is trained on is what a user has.
 
 The archive is read with numpy from its binary records (1 label byte, then 1024 red, 1024 green,
 1024 blue pixel bytes, row-major): nothing in it is unpickled, executed or extracted to disk.

@@ -410,14 +410,14 @@ def read_source(client: mlflow.MlflowClient, reference: str) -> tuple[Source, Mo
 
 
 def _with_tensorflow() -> None:
-    """Load TensorFlow once, without its start-up noise: model.py and runtime.py import it."""
+    """Load TensorFlow once, without its start-up noise: network.py and runtime.py import it."""
     if "tensorflow" not in sys.modules:
         load_tensorflow()
 
 
 def saved_weights_digest(path: str | Path) -> str:
     _with_tensorflow()
-    from alexnet8.model import saved_weights_digest as digest
+    from alexnet8.network import saved_weights_digest as digest
 
     return digest(path)
 

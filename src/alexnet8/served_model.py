@@ -5,7 +5,7 @@ Reads: the trained `.keras` model and dataset.json (logged as the model's artifa
 file (`--served-model` in dvc.yaml, JSON) for `predict`.
 Writes: into the active MLflow run (the evaluation's), the model registry, and the record file.
 
-The logged model is classifier_model.py with the `.keras` file, dataset.json and, as its model
+The logged model is image_classifier.py with the `.keras` file, dataset.json and, as its model
 config, the test-time views it was scored with: what evaluate measured is what a user loading
 `models:/<name>@champion`, `mlflow models serve` or `python -m alexnet8.predict` gets.
 """
@@ -27,7 +27,7 @@ from mlflow.types.schema import ColSpec, Schema
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from alexnet8 import classifier_model
+from alexnet8 import image_classifier
 from alexnet8.errors import DataError
 from alexnet8.files import write_json
 
@@ -35,7 +35,7 @@ PIP_REQUIREMENTS = [
     f"keras=={keras.__version__}",
     f"tensorflow=={tf.__version__}",
     f"numpy=={np.__version__}",
-    f"pillow=={PIL.__version__}",  # classifier_model.decode_image
+    f"pillow=={PIL.__version__}",  # image_classifier.decode_image
 ]
 
 
@@ -48,7 +48,7 @@ class ServedModelRecord(BaseModel):
     training_run_id: str
     model_id: str
     model_uri: str  # models:/<model id>
-    views: dict[str, bool | int]  # classifier_model.view_config
+    views: dict[str, bool | int]  # image_classifier.view_config
     registered_model: str | None = None
     version: str | None = None
 
@@ -76,7 +76,7 @@ def classifier_signature(class_names: list[str]) -> ModelSignature:
     the input against it in every process. One schema can not take both forms: a uint8 tensor
     refuses strings, and a string column refuses a NumPy array in-process. It would cost time too:
     with a tensor schema the server deep-copies the parsed JSON before casting it, 1.8 s of a 256-image
-    request here. Without one, the server hands the parsed JSON on as arrays and classifier_model.py
+    request here. Without one, the server hands the parsed JSON on as arrays and image_classifier.py
     checks them; the version description and the input example show the forms.
     """
     return ModelSignature(
@@ -87,7 +87,7 @@ def classifier_signature(class_names: list[str]) -> ModelSignature:
 
 def version_description(class_names: list[str], views: dict, test_summary: str) -> str:
     """The registry's description of a version: what it takes, what it answers, how it was scored."""
-    passes = classifier_model.views_per_image(views)
+    passes = image_classifier.views_per_image(views)
     view_text = (
         f"Each image is predicted in {passes} views (flip_tta={views['flip_tta']}, "
         f"tta_translate={views['tta_translate']}) and their probabilities averaged"
@@ -96,7 +96,7 @@ def version_description(class_names: list[str], views: dict, test_summary: str) 
     )
     return (
         "AlexNet8 trained on CIFAR-10. Input, 1 to "
-        f"{classifier_model.MAX_IMAGES} images per request, as image files (JPEG, PNG, WebP..., any size "
+        f"{image_classifier.MAX_IMAGES} images per request, as image files (JPEG, PNG, WebP..., any size "
         'and mode) in base64, {"inputs": ["/9j/4AAQ...", ...]}, each turned upright (EXIF), made RGB '
         "(transparency on white), center-cropped and resized to 32 x 32; or as uint8 RGB pixels 0-255, "
         'shape (n, 32, 32, 3): {"inputs": [image, ...]}, or compactly {"inputs": {"pixels": [base64 of '
@@ -126,12 +126,12 @@ def log_classifier(
     registered_model_name: str | None = None,
 ) -> mlflow.models.model.ModelInfo:
     """Log the trained model as an MLflow model that takes images (files or pixels) and answers
-    with class names (classifier_model.py): `example_images` as its input example (PNG files),
+    with class names (image_classifier.py): `example_images` as its input example (PNG files),
     `views` as its model config, `params` as the logged model's params; with
     `registered_model_name`, also as a new version of that registered model."""
     return mlflow.pyfunc.log_model(
         name=re.sub(r"[/:.%\"']", "_", name),  # characters MLflow refuses in model names
-        python_model=Path(classifier_model.__file__),
+        python_model=Path(image_classifier.__file__),
         artifacts={"keras_model": str(model_path), "dataset": str(dataset_file)},
         model_config=views,
         signature=classifier_signature(class_names),

@@ -44,19 +44,19 @@ from alexnet8.checkpoints import (
     training_key,
 )
 from alexnet8.dataset import DatasetDescription, Split, dataset_digest, load_description, load_split
+from alexnet8.epoch_logging import EpochMetricsAndSummaryToMlflow, log_missing_epochs
 from alexnet8.epoch_progress import EpochProgress
 from alexnet8.errors import PipelineError
 from alexnet8.files import atomic_path, disk_full, no_space_message, write_json, write_text
 from alexnet8.input_pipeline import make_dataset, one_hot_length, training_dataset
 from alexnet8.metric_names import TRAIN_HEADLINE, headline
-from alexnet8.model import (
+from alexnet8.multi_worker import WORKERS_TAG, Worker, check_last_batch, join_cluster, offset_dropout_seeds
+from alexnet8.network import (
     initialize_conv1_whitening,
     portable_model,
     refit_batch_norm_statistics,
     saved_weights_digest,
 )
-from alexnet8.model_tracking import EpochMetricsAndSummaryToMlflow, log_missing_epochs
-from alexnet8.multi_worker import WORKERS_TAG, Worker, check_last_batch, join_cluster, offset_dropout_seeds
 from alexnet8.optimization import build_compiled_model
 from alexnet8.params import Params, TrainParams
 from alexnet8.reports import history_columns

@@ -1,6 +1,6 @@
 """Run a multi-worker training on this machine: N processes of the train stage, one per worker.
 
-`python -m alexnet8.workers --workers 2 [-- command ...]` starts the command (by default the
+`python -m alexnet8.launch_workers --workers 2 [-- command ...]` starts the command (by default the
 train stage's command of dvc.yaml) N times, each with a `TF_CONFIG` naming all N workers on
 127.0.0.1 (free ports picked here) and its own index, and prefixes each worker's output lines
 with `[worker k]`. When a worker fails, the others are given a bounded time to fail on their own

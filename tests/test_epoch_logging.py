@@ -1,4 +1,4 @@
-"""What training logs to MLflow (model_tracking.py): an error other than a server that is away fails training."""
+"""What training logs to MLflow (epoch_logging.py): an error other than a server that is away fails training."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import keras
 import pytest
 
-from alexnet8 import model_tracking
-from alexnet8.model_tracking import EpochMetricsAndSummaryToMlflow
+from alexnet8 import epoch_logging
+from alexnet8.epoch_logging import EpochMetricsAndSummaryToMlflow
 
 
 class _BrokenClient:
@@ -21,7 +21,7 @@ class _BrokenClient:
 def test_an_error_other_than_a_server_away_fails_training_loudly(tmp_path, monkeypatch):
     run = SimpleNamespace(info=SimpleNamespace(run_id="run"))
     fake_mlflow = SimpleNamespace(active_run=lambda: run, MlflowClient=_BrokenClient, get_tracking_uri=lambda: "x")
-    monkeypatch.setattr(model_tracking, "mlflow", fake_mlflow)
+    monkeypatch.setattr(epoch_logging, "mlflow", fake_mlflow)
     callback = EpochMetricsAndSummaryToMlflow(tmp_path / "history.csv")
     callback.set_model(keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)]))
     callback.on_train_begin()

@@ -1,4 +1,4 @@
-"""classifier_model.py: the served model's test-time views, that evaluate scores through them, and
+"""image_classifier.py: the served model's test-time views, that evaluate scores through them, and
 the input forms it takes."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from alexnet8.classifier_model import MAX_IMAGES, TIMEOUT_VARIABLE, ImageClassifier, view_config, views_per_image
 from alexnet8.dataset import Split
 from alexnet8.evaluate import evaluate_model
-from alexnet8.model import build_alexnet8
+from alexnet8.image_classifier import MAX_IMAGES, TIMEOUT_VARIABLE, ImageClassifier, view_config, views_per_image
+from alexnet8.network import build_alexnet8
 
 CLASSES = [str(index) for index in range(10)]
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from helpers import saved_model_config
 
-from alexnet8.model import (
+from alexnet8.network import (
     FusedBatchNormalization,
     build_alexnet8,
     initialize_conv1_whitening,
