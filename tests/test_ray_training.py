@@ -30,9 +30,9 @@ from alexnet8.workers import train_stage_command
 
 def test_each_worker_runs_dvc_yamls_train_command_with_the_checkpoints_in_the_storage_path():
     options = ray_training.stage_options(train_stage_command(PROJECT_ROOT / "dvc.yaml"))
-    argv = ray_training.worker_argv(options, "/shared/ray/alexnet8-train-0123/checkpoints")
+    argv = ray_training.worker_argv(options, "/mnt/nfs/ray/alexnet8-train-0123/checkpoints")
     parsed = cli.stage_parser("train").parse_args(argv[1:])
-    assert argv[0] == "train" and parsed.checkpoints == "/shared/ray/alexnet8-train-0123/checkpoints"
+    assert argv[0] == "train" and parsed.checkpoints == "/mnt/nfs/ray/alexnet8-train-0123/checkpoints"
     assert (parsed.data, parsed.model, parsed.run_file) == (
         "data/prepared",
         "models/model.keras",
