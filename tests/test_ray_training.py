@@ -74,6 +74,12 @@ def test_the_ray_run_is_named_by_the_checkpoints_training_key_and_a_batch_that_d
         ray_training.run_key(tmp_path, str(prepared_dir), workers=4)
 
 
+def test_a_tracking_server_that_does_not_answer_fails_the_job_before_ray_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(PipelineError, match="does not answer"):
+        ray_training.prepare_tracking(tmp_path)
+
+
 # A real Ray Train job, on the tiny archive: 3 epochs of 3 steps, 2 workers.
 
 EPOCHS = 3

@@ -254,12 +254,15 @@ def log_provenance(run_file: Path) -> None:
 
 
 def prepare_tracking(root: Path) -> None:
-    """Without MLFLOW_TRACKING_URI: the project's own store, its experiment made here, so that the
-    workers log into it (as a path: every node must reach it) with its artifacts in mlruns/."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return
+    """A tracking server that does not answer fails here, not after Ray's restarts. Without
+    MLFLOW_TRACKING_URI: the project's own store, its experiment made here, so that the workers
+    log into it (as a path: every node must reach it) with its artifacts in mlruns/."""
     from alexnet8 import tracking
     from alexnet8.params import load_params
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking.check_tracking_server()
+        return
 
     tracking.use_project_store()  # sets MLFLOW_TRACKING_URI
     tracking._set_experiment(load_params(root / "params.yaml").mlflow.experiment_name)
