@@ -111,15 +111,19 @@ def _driver(project: Path, **environment: str) -> subprocess.Popen:
     )
 
 
-def _kill_rank_1_after_epoch_1(driver: subprocess.Popen, lines: list[str]) -> None:
-    """Read the job's output until a worker finished epoch 1, then SIGKILL rank 1's process."""
-    rank_1, epoch_1_done = None, False
+def _kill_rank_1_after_epoch_1(driver: subprocess.Popen, lines: list[str], project: Path) -> None:
+    """Read the job's output until epoch 1 is done, wait for the chief's checkpoint of it (in the
+    storage path), then SIGKILL rank 1's process."""
+    rank_1 = None
     for line in driver.stdout:
         lines.append(line)
         if found := re.search(r"rank 1 of 2 \(pid (\d+)", line):
             rank_1 = int(found[1])
-        epoch_1_done = epoch_1_done or f"epoch 1/{EPOCHS} done" in line
-        if rank_1 and epoch_1_done:
+        if rank_1 and f"epoch 1/{EPOCHS} done" in line:
+            deadline = time.monotonic() + 60
+            while not list(project.glob("checkpoints/ray/*/checkpoints/*/epoch-1")):
+                assert time.monotonic() < deadline, "".join(lines)
+                time.sleep(0.05)
             os.kill(rank_1, signal.SIGKILL)  # in epoch 2
             return
     raise AssertionError("".join(lines))
@@ -180,7 +184,7 @@ def ray_jobs(tiny_archive, tmp_path_factory):
             driver = _driver(project, RAY_ADDRESS=cluster.address, RAY_TRAIN_ENABLE_STATE_TRACKING="1")
             lines: list[str] = []
             try:
-                _kill_rank_1_after_epoch_1(driver, lines)
+                _kill_rank_1_after_epoch_1(driver, lines, project)
                 lines.append(driver.communicate(timeout=600)[0])
             finally:
                 if driver.poll() is None:
