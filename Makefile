@@ -8,6 +8,7 @@
 #   make reproduce MODEL=models:/alexnet8-cifar10/3   rebuild a version from its record: the same?
 #   make ui                        browse the runs in MLflow (the URL it prints)
 #   make train-workers WORKERS=2   the train stage as 2 workers on this machine (docs/scaling.md)
+#   make train-ray WORKERS=2       the train stage as 2 Ray Train workers, on RAY_ADDRESS's cluster or a local one
 #   make stack-up / stack-down     the team stack: PostgreSQL, an S3 store and an MLflow server (docs/team.md)
 #   make clean                     remove what `make pipeline` makes again (README, "Clean up")
 
@@ -23,7 +24,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export PATH := $(VIRTUAL_ENV)/bin:$(PATH)
 unexport PYTHONHOME
 
-.PHONY: setup pipeline test recipe reproduce train-workers ui stack-up stack-down stack-status lint format lock clean clean-env
+.PHONY: setup pipeline test recipe reproduce train-workers train-ray ui stack-up stack-down stack-status lint format lock clean clean-env
 
 # The offline page template for `dvc plots show` (it writes nothing when it is in place).
 setup: $(VENV)/.installed
@@ -49,7 +50,8 @@ endif
 
 # One test process per core (pytest-xdist); each test file runs whole in one of them, so the
 # module-wide fixtures (a trained model, a team stack) are made once. PYTEST_ARGS adds options.
-test: setup
+# The tests marked `ray` need the Ray extra.
+test: setup $(VENV)/.installed-ray
 	python -m pytest --numprocesses auto --dist loadfile $(PYTEST_ARGS)
 
 # `make recipe NAME=recipe-sgd [EXP=name] [SET="seed=7 train.epochs=1"]`: `dvc exp run -n EXP -S ...`
@@ -68,6 +70,18 @@ reproduce: setup
 WORKERS ?= 2
 train-workers: setup
 	python -m alexnet8.launch_workers --workers $(WORKERS)
+
+# The optional Ray extra (`make train-ray`, the tests marked `ray`): exact versions and hashes from
+# requirements-ray.lock, locked against requirements.lock (`make lock`), installed on top of it.
+$(VENV)/.installed-ray: requirements-ray.lock $(VENV)/.installed
+	python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r requirements-ray.lock
+	touch $@
+
+# dvc.yaml's train command as WORKERS Ray Train workers on the cluster at RAY_ADDRESS, or on a local
+# one started and stopped here; rank 0's outputs come back here and `dvc commit -f train` records
+# them. [STORAGE=path]: Ray's storage path, the same shared path on every node (docs/scaling.md).
+train-ray: setup $(VENV)/.installed-ray
+	python -m alexnet8.ray_training --workers $(WORKERS) $(if $(STORAGE),--storage-path '$(STORAGE)')
 
 # MLflow 3's UI opens in its GenAI view: the address printed opens the runs table in model-training
 # mode with the project's columns (alexnet8.tracking.runs_page_url).
@@ -98,6 +112,8 @@ format: setup
 lock: setup
 	python -m pip install --quiet uv
 	uv pip compile pyproject.toml --extra dev --generate-hashes --universal --python-version 3.11 -o requirements.lock
+	echo 'ray[default,train]>=2.60,<3' | uv pip compile - -c requirements.lock --generate-hashes --universal \
+		--python-version 3.11 -o requirements-ray.lock
 
 # What the next `make pipeline` makes again: the prepared splits, the model, the reports, an
 # interrupted training's state and `dvc plots` pages. Kept: the environment (`make clean-env`), the

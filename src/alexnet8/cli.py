@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -114,8 +115,10 @@ def run(
     # is away, the stages' own warnings say so once, and what happens next (tracking.py).
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     # SIGTERM (what `kill` and most schedulers send) unwinds like Ctrl-C, so MLflow runs are
-    # ended as KILLED and temporary files removed; SIGKILL can not be caught.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # ended as KILLED and temporary files removed; SIGKILL can not be caught. Only the main
+    # thread can take signals: a stage run in another (a Ray Train worker's) is stopped by Ray.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         stage(argv)
     except PipelineError as error:

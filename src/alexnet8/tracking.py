@@ -114,7 +114,7 @@ def _create_project_store() -> None:
         os.close(folder)  # which releases the lock
 
 
-def _set_experiment(name: str) -> None:
+def set_experiment(name: str) -> None:
     """Set the experiment, creating it if needed: in the local store its artifacts go to
     <project root>/mlruns, and MLflow's UI opens it as a model-training experiment, its runs
     table showing the key params and metrics (RUNS_VIEW_TAG)."""
@@ -356,7 +356,7 @@ def _start_or_continue(experiment_name: str, run_name: str, interrupted_run_file
             return run
         except MlflowException as error:
             logger.warning("cannot continue MLflow run %s (%s): starting a new one", interrupted, error.message)
-    _set_experiment(experiment_name)
+    set_experiment(experiment_name)
     return mlflow.start_run(run_name=run_name, log_system_metrics=True)
 
 
