@@ -1,4 +1,5 @@
-"""The fused optimizers update weights as Keras' own do, up to rounding, wherever training runs."""
+"""What training minimizes and how (optimization.py): the schedules, the optimizers, and the fused
+optimizers updating weights as Keras' own do, up to rounding, wherever training runs."""
 
 from __future__ import annotations
 
@@ -6,9 +7,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import saved_model_config
+from helpers import PROJECT_ROOT, saved_model_config, write_params
 
-from alexnet8.optimization import FusedAdam, FusedAdamW, FusedSGD, build_compiled_model, build_optimizer
+from alexnet8.optimization import (
+    FusedAdam,
+    FusedAdamW,
+    FusedSGD,
+    build_compiled_model,
+    build_optimizer,
+    learning_rate_or_schedule,
+)
+from alexnet8.params import TrainParams, load_params
+from alexnet8.recipe import load_recipe
 
 SCHEDULE = keras.optimizers.schedules.CosineDecay(0.01, decay_steps=5, warmup_target=0.05, warmup_steps=2)
 
@@ -132,3 +142,48 @@ def test_weight_decay_spares_batch_norm_and_biases_when_asked(default_params, fu
         "gamma": decay_norm_and_bias,
         "beta": decay_norm_and_bias,
     }
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    """recipe-fast's params: AdamW 0.002, one-cycle with 20% warmup, weight decay 0.0005."""
+    return load_params(write_params(tmp_path / "params.yaml", **load_recipe("recipe-fast", PROJECT_ROOT / "recipes")))
+
+
+def test_warmup_cosine_rises_to_the_peak_then_falls_to_zero(recipe):
+    schedule = learning_rate_or_schedule(recipe.train, steps_per_epoch=100)
+    total, warmup = 5 * 100, int(0.2 * 500)
+    rates = np.array([float(schedule(step)) for step in range(total + 1)])
+    assert rates[0] == pytest.approx(0.002 / 25)
+    assert rates[warmup] == pytest.approx(0.002) and rates.max() == pytest.approx(0.002)
+    assert np.all(np.diff(rates[: warmup + 1]) > 0) and np.all(np.diff(rates[warmup:]) <= 0)
+    assert rates[-1] == pytest.approx(0, abs=1e-9)
+
+
+def test_constant_schedule_and_optimizers(recipe, default_params):
+    assert learning_rate_or_schedule(default_params.train, 100) == 0.001
+    adamw = build_optimizer(recipe.train, 100)
+    assert isinstance(adamw, keras.optimizers.AdamW) and adamw.weight_decay == pytest.approx(0.0005)
+    sgd = build_optimizer(
+        TrainParams(**(default_params.train.model_dump() | {"optimizer": "sgd", "momentum": 0.9})), 100
+    )
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov and sgd.momentum == 0.9
+
+
+@pytest.mark.parametrize(("scaling", "factor"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_learning_rate_scales_with_the_batch_size(default_params, scaling, factor):
+    params = TrainParams(
+        **(
+            default_params.train.model_dump()
+            | {
+                "batch_size": 128,
+                "lr_batch_scaling": scaling,
+                "lr_reference_batch_size": 32,
+                "lr_schedule": "warmup_cosine",
+                "warmup_fraction": 0.1,
+            }
+        )
+    )
+    assert params.peak_learning_rate == pytest.approx(0.001 * factor)
+    schedule = learning_rate_or_schedule(params, steps_per_epoch=10)
+    assert max(float(schedule(step)) for step in range(51)) == pytest.approx(0.001 * factor)
