@@ -6,6 +6,7 @@ development machines."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shlex
@@ -473,3 +474,41 @@ def test_make_clean_exists_and_the_readme_says_what_it_removes_and_keeps():
     for command in ["make clean", "dvc exp remove", "dvc gc", "mlflow gc"]:
         assert command in section
     assert "[operations](docs/operations.md#errors)" in text[: text.index("## Results")], "troubleshooting link"
+
+
+# The module map --------------------------------------------------------------------------------------
+
+
+def _module_map() -> list[str]:
+    """The modules of docs/development.md's map, in its order."""
+    section = (PROJECT_ROOT / "docs/development.md").read_text().split("## Modules", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", section, re.MULTILINE)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The alexnet8 modules `path` imports, wherever in it (functions import some lazily)."""
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "alexnet8":
+            imported |= {node.module.split(".")[1]} if "." in node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("alexnet8.")}
+    return imported - {path.stem}
+
+
+def test_the_module_map_lists_every_module_once():
+    modules = sorted(path.stem for path in (PROJECT_ROOT / "src/alexnet8").glob("*.py") if path.stem != "__init__")
+    assert sorted(_module_map()) == modules
+
+
+def test_each_module_imports_only_modules_above_it_in_the_map():
+    order = _module_map()
+    later = {
+        module: sorted(
+            imported
+            for imported in _imported_modules(PROJECT_ROOT / f"src/alexnet8/{module}.py")
+            if imported in order and order.index(imported) > order.index(module)
+        )
+        for module in order
+    }
+    assert {module: names for module, names in later.items() if names} == {}
