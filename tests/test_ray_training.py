@@ -172,6 +172,11 @@ def ray_jobs(tiny_archive, tmp_path_factory):
         seen["local_run"] = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
 
         hidden = {name: os.environ.pop(name) for name in ray_training.forwarded_environment()}
+        # Ray's test utility writes the cluster's address into $RAY_TMPDIR/ray (by default /tmp/ray,
+        # which it does not create): here, inside the test's own folder.
+        ray_tmpdir = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = str(cluster_temp)
+        (cluster_temp / "ray").mkdir()
         try:  # the cluster's processes get no MLflow variables: the workers get them from the driver
             cluster = Cluster(
                 initialize_head=True,
@@ -180,6 +185,10 @@ def ray_jobs(tiny_archive, tmp_path_factory):
             cluster.add_node(num_cpus=1)
         finally:
             os.environ.update(hidden)
+            if ray_tmpdir is None:
+                os.environ.pop("RAY_TMPDIR")
+            else:
+                os.environ["RAY_TMPDIR"] = ray_tmpdir
         try:
             # With the Train runs' state (their configuration included) on the dashboard.
             driver = _driver(project, RAY_ADDRESS=cluster.address, RAY_TRAIN_ENABLE_STATE_TRACKING="1")
