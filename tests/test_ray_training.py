@@ -264,3 +264,33 @@ def test_secrets_reach_the_workers_but_not_rays_state_api_dashboard_or_logs(ray_
     for name, secret in SECRETS.items():
         for where in ("local_log", "cluster_log", "state", "cluster_files"):
             assert secret not in ray_jobs[where], f"{name} shows in {where}"
+
+
+@pytest.mark.ray
+@pytest.mark.stack
+def test_with_the_team_stack_up_the_run_and_its_artifacts_land_on_its_server(tiny_archive, tmp_path):
+    """`source .stack/env && make train-ray`: the job's run is on the stack's MLflow server (its
+    PostgreSQL), its artifacts in the stack's S3 store, as `dvc repro` would log them."""
+    from test_stack import Stack, _free_ports, make, tiny_project
+
+    project = tiny_project(tmp_path / "team", *tiny_archive, **{"train.epochs": 1})
+    stack, environ = Stack(project), dict(os.environ)
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
+    try:
+        make("stack-up", project, **_free_ports())
+        run_command(["dvc", "repro", "preprocess"], project, stack.environment())
+        command = [sys.executable, "-m", "alexnet8.ray_training", "--workers", "2"]
+        run_command(command, project, stack.environment(RAY_TMPDIR=str(ray_temp)))
+        run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+        client = stack.client()
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags[WORKERS_TAG] == "2"
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # served from the stack's store
+        logged = {artifact.path for artifact in client.list_artifacts(run_id)}
+        assert {"model_summary.txt", "provenance"} <= logged, logged
+        assert _ray_processes(ray_temp) == []
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)  # stack.client() set the stack's credentials in this process
+        make("stack-down", project)
+        shutil.rmtree(ray_temp, ignore_errors=True)
