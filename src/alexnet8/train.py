@@ -172,8 +172,9 @@ def _epoch_callbacks(
     log_to_mlflow: bool,
 ) -> list[keras.callbacks.Callback]:
     return [
-        # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its metrics.
-        EpochProgress(steps_per_epoch, params.batch_size),
+        # Progress within each epoch (a bar on a terminal, a log line every ~10% otherwise), then its
+        # metrics: the chief's; the other workers' would repeat its lines in a cluster's one log.
+        *([EpochProgress(steps_per_epoch, params.batch_size)] if worker.is_chief else []),
         keras.callbacks.TerminateOnNaN(),
         # The epoch's history row is written before its checkpoint set, which holds it and marks
         # the epoch done (the chief's); MLflow is told after it (see EpochMetricsAndSummaryToMlflow).
