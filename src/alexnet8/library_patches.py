@@ -92,7 +92,7 @@ FUSED_OPTIMIZERS = Fence(
 )
 PORTABLE_MODEL = Fence(
     "keras",
-    "model.portable_model",
+    "network.portable_model",
     "clone_model recompiling the clone from get_compile_config(), the optimizer's class looked up by name",
     "a saved model names Keras' own classes, not the fused ones, so it loads without this package",
     ("tests/test_network.py", "tests/test_optimization.py"),
