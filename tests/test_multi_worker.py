@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from helpers import PROJECT_ROOT, load_script, write_params
 
-from alexnet8 import launch_workers as workers
+from alexnet8 import launch_workers
 from alexnet8.checkpoints import save_epoch
 from alexnet8.dataset import load_split
 from alexnet8.errors import PipelineError
@@ -136,16 +136,16 @@ def test_one_workers_flip_is_tensorflows_stateless_random_flip():
 
 
 def test_the_launcher_gives_each_worker_its_place_on_free_local_ports():
-    ports = workers.free_ports(3)
+    ports = launch_workers.free_ports(3)
     assert len(set(ports)) == 3
-    configs = workers.tf_configs(ports)
+    configs = launch_workers.tf_configs(ports)
     clusters = [cluster_from_environment({"TF_CONFIG": config}) for config in configs]
     assert [cluster.rank for cluster in clusters] == [0, 1, 2] and {cluster.workers for cluster in clusters} == {3}
     assert json.loads(configs[2])["cluster"]["worker"] == [f"127.0.0.1:{port}" for port in ports]
 
 
 def test_the_launchers_default_command_is_the_train_stage_of_dvc_yaml():
-    command = workers.train_stage_command(PROJECT_ROOT / "dvc.yaml")
+    command = launch_workers.train_stage_command(PROJECT_ROOT / "dvc.yaml")
     assert command[:4] == ["python", "-m", "alexnet8", "train"]
     assert "--checkpoints" in command and not any("${" in part for part in command)
 
@@ -288,7 +288,7 @@ def test_a_killed_worker_stops_the_others_with_a_message_and_the_rerun_resumes(t
     params_file = write_params(tmp_path / "params.yaml", base=params_file)
     environment = _environment(tmp_path)
     command = _train_command(tmp_path, prepared_dir, params_file)
-    configs = workers.tf_configs(workers.free_ports(2))
+    configs = launch_workers.tf_configs(launch_workers.free_ports(2))
     processes = [
         subprocess.Popen(
             command,

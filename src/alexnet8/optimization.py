@@ -82,7 +82,7 @@ class _FusedAdamUpdate(_FencedBuild):
 class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
     """Keras' Adam, each weight updated by TensorFlow's fused kernel (see _FusedAdamUpdate)."""
 
-    keras_class = keras.optimizers.Adam  # what a saved model names (model.portable_model)
+    keras_class = keras.optimizers.Adam  # what a saved model names (network.portable_model)
 
 
 class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
