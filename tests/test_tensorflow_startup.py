@@ -47,4 +47,4 @@ def test_a_stage_on_a_cpu_only_machine_prints_no_false_error_and_no_line_twice(t
     assert result.returncode == 1 and "TensorFlow" in lines[0] and "on the CPU (no GPU found)" in lines[0], lines
     assert not [line for line in lines if line.startswith("E0000") or "cuInit" in line or "cuda drivers" in line]
     assert len(lines) == len(set(lines)), lines
-    assert "not found: run the preprocess stage first" in lines[-1]  # the one real error
+    assert "not found: run the train stage first" in lines[-1]  # the one real error: no run file
