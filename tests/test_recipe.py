@@ -54,6 +54,32 @@ def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
     assert settings == expected | {"seed": "7", "train.precision": "float32"}
 
 
+def test_a_recipe_runs_on_the_committed_params_not_on_what_the_last_experiment_left(tmp_path):
+    """`dvc exp run` leaves its params in the workspace's params.yaml; the next recipe must not inherit them."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "recipe-sgd.yaml").write_text((RECIPES / "recipe-sgd.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "params"], cwd=tmp_path, check=True)
+    left = (tmp_path / "params.yaml").read_text().replace("label_smoothing: 0.0 ", "label_smoothing: 0.2 ")
+    (tmp_path / "params.yaml").write_text(left.replace("dropout: 0.5 ", "dropout: 0.0 "))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "alexnet8.recipe", "recipe-sgd", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.strip().splitlines()[-1])
+    assert "train.label_smoothing=0.0" in command and "train.dropout=0.0" in command
+    assert "train.label_smoothing=0.2" not in command
+    assert "differs from the last commit in train.label_smoothing" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [

@@ -1,10 +1,12 @@
 """`python -m alexnet8.recipe NAME`: run a training recipe as a DVC experiment (`make recipe NAME=...`).
 
 Reads: `recipes/NAME.yaml` (the params that differ from params.yaml, by section, as in
-params.yaml) and params.yaml, to check that the recipe's keys and values are valid before
-anything runs.
+params.yaml), params.yaml as the last commit has it (what recipes are written against) and as the
+workspace has it, to check that the recipe's keys and values are valid before anything runs.
 Writes: nothing itself; it runs `dvc exp run -n NAME -S section.key=value ...`, which writes the
-experiment (and its MLflow run) as any `dvc exp run` does.
+experiment (and its MLflow run) as any `dvc exp run` does. `dvc exp run` leaves the last
+experiment's params in the workspace's params.yaml, so every key that differs there from the
+commit (and is not the recipe's) is set back to its committed value, and logged.
 
 A recipe is one file, read by this command, the tests and the docs alike, so what is documented
 is what runs.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +75,27 @@ def checked_overrides(overrides: dict[str, object], params_file: str | Path, sou
     return overrides
 
 
+def committed_params(params_file: str | Path) -> dict:
+    """params.yaml as the last commit has it. Raises ParamsError if git cannot show it."""
+    result = subprocess.run(["git", "show", f"HEAD:./{params_file}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ParamsError(
+            f"{params_file}: not in the last commit ({result.stderr.strip()}); recipes run on the committed params"
+        )
+    return yaml.safe_load(result.stdout)
+
+
+def resets_to_committed(overrides: dict[str, object], workspace: dict, committed: dict) -> dict[str, object]:
+    """The keys outside `overrides` whose workspace value differs from the committed one, with the
+    committed value: what makes the experiment's params the committed params.yaml + the recipe."""
+    current = _flatten(workspace)
+    return {
+        key: value
+        for key, value in _flatten(committed).items()
+        if key not in overrides and key in current and current[key] != value
+    }
+
+
 def _set_argument(key: str, value: object) -> str:
     # DVC parses `-S` values with Hydra's override grammar: YAML-like scalars, lowercase booleans.
     if isinstance(value, bool):
@@ -106,6 +130,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
 
     overrides = load_recipe(arguments.recipe, arguments.recipes) | dict(map(parse_assignment, arguments.set))
+    resets = resets_to_committed(overrides, read_yaml(arguments.params), committed_params(arguments.params))
+    if resets:
+        logger.info(
+            "%s differs from the last commit in %s (an earlier experiment's or an edit): set back to %s",
+            arguments.params,
+            ", ".join(resets),
+            ", ".join(_set_argument(key, value) for key, value in resets.items()),
+        )
+    overrides = resets | overrides
     checked_overrides(overrides, arguments.params, source=f"{arguments.params} with recipe {arguments.recipe}")
     command = exp_run_command(arguments.name or arguments.recipe, overrides, queue=arguments.queue)
     if arguments.dry_run:
