@@ -49,6 +49,10 @@ A run's JSON holds:
                       other_seconds, peak_rss_mb, validation_accuracy (its last), note
     knob              optional: what the run tried against the run it is based_on (same seed), for the
                       search table
+    beside            optional: the run whose 'original_script' measurement this run's time is compared
+                      with (the same machine, the same session), for the time-to-accuracy table
+    proxy_of          optional: the full-length run whose params this shorter run repeats (other than
+                      `train.epochs` and `train.precision`), for the proxy table
     val_served/accuracy
                       optional: validation accuracy of the served model as the evaluate stage measured
                       it, with the run's test-time augmentation (reports/test_metrics.json's
@@ -130,6 +134,10 @@ class Run:
         if self.history is not None:
             return [row["val/accuracy"] for row in self.history]
         return self.record["val/accuracy"]
+
+    def sort_key(self) -> tuple:
+        """Runs of one recipe together, by seed."""
+        return (self.record["recipe"], sorted(self.record.get("set", {}).items()), self.record["seed"], self.name)
 
     @property
     def epochs_run(self) -> int:
@@ -234,6 +242,13 @@ def read_runs(results: Path, recipes: Path) -> dict[str, Run]:
         base = run.record["based_on"]
         if base is not None and base not in runs:
             raise ResultsError(f"{results / run.name}.json: based_on {base!r}, but there is no {base}.json")
+        for field in ("beside", "proxy_of"):
+            other = run.record.get(field)
+            if other is not None and other not in runs:
+                raise ResultsError(f"{results / run.name}.json: {field} {other!r}, but there is no {other}.json")
+        beside = run.record.get("beside")
+        if beside is not None and runs[beside].record.get("original_script") is None:
+            raise ResultsError(f"{results / run.name}.json: beside {beside!r}, which has no 'original_script'")
     return runs
 
 
@@ -464,12 +479,31 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
             f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
             f"`{base.name}`",
             str(run.record["seed"]),
+            str(run.record["epochs"]),
             fixed(run.record.get("val_served/accuracy")),
         ]
-        for delta, run, base in sorted(tried, key=lambda item: (-item[0], item[1].name))
+        for delta, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
     ]
-    header = ["knob tried", "run (code)", "validation accuracy (change)", "against", "seed"]
+    header = ["knob tried", "run (code)", "validation accuracy (change)", "against", "seed", "epochs"]
     return table([*header, "validation accuracy with the run's TTA"], rows)
+
+
+def proxy_table(runs: dict[str, Run], defaults: dict) -> str:
+    """Each short run beside the full-length run of the same params, in the full-length runs' order."""
+    pairs = [(runs[run.record["proxy_of"]], run) for run in runs.values() if "proxy_of" in run.record]
+    rows = [
+        [
+            f"`{short.name}`",
+            f"{fixed(short.validation_accuracy[-1])} after {short.epochs_run}",
+            short.record["machine"],
+            f"`{full.name}`",
+            f"{fixed(full.validation_accuracy[-1])} after {full.epochs_run}",
+            full.record["machine"],
+        ]
+        for full, short in sorted(pairs, key=lambda pair: (-pair[0].validation_accuracy[-1], pair[1].name))
+    ]
+    header = ["short run", "validation accuracy, epochs", "machine", "full-length run", "validation accuracy, epochs"]
+    return table([*header, "machine"], rows)
 
 
 def mean_and_spread(values: Sequence[float]) -> str:
@@ -538,33 +572,44 @@ def original_script_table(runs: dict[str, Run], defaults: dict) -> str:
 
 
 def time_to_accuracy_table(runs: dict[str, Run], defaults: dict) -> str:
-    """When each run of the original and the recommended recipe first validates at the original
-    recipe's test accuracy, against the original script's time for 5 epochs."""
-    original, script = original_script(runs)
-    target = original.record["test/accuracy"]
-    chosen = [original, *(run for run in same_params(runs, need(runs, RECOMMENDED)) if run.record["epoch_seconds"])]
+    """When each run first validates at the original recipe's test accuracy, against the original
+    script's time for 5 epochs measured on the same machine in the same session: the run that holds
+    that measurement and the runs `beside` it, newest measurement first."""
+    target = need(runs, CURRENT_ORIGINAL).record["test/accuracy"]
+    references = sorted(
+        (run for run in runs.values() if run.record.get("original_script") is not None),
+        key=lambda run: run.record["date"],
+        reverse=True,
+    )
     rows = []
-    for run in chosen:
-        passed = next((epoch for epoch, value in enumerate(run.validation_accuracy) if value and value >= target), None)
-        if passed is None:
-            continue
-        spent = sum(run.record["epoch_seconds"][: passed + 1])
-        whole = run.record["pipeline_seconds"]
-        rows.append(
-            [
-                f"`{run.name}`",
-                f"{passed + 1} ({fixed(run.validation_accuracy[passed])})",
-                f"{spent} ({ratio(spent, script['seconds'])})",
-                "-" if whole is None else f"{whole} s ({ratio(whole, script['seconds'])})",
-                f"{run.record['timing'] or '-'}",
-                ran_on(run),
-            ]
-        )
+    for reference in references:
+        script = reference.record["original_script"]["seconds"]
+        beside = sorted((run for run in runs.values() if run.record.get("beside") == reference.name), key=Run.sort_key)
+        for run in [reference, *beside]:
+            passed = next(
+                (epoch for epoch, value in enumerate(run.validation_accuracy) if value and value >= target), None
+            )
+            if passed is None or run.record["epoch_seconds"] is None:
+                continue
+            spent = sum(run.record["epoch_seconds"][: passed + 1])
+            whole = run.record["pipeline_seconds"]
+            rows.append(
+                [
+                    f"`{run.name}`",
+                    f"{passed + 1} of {run.record['epochs']} ({fixed(run.validation_accuracy[passed])})",
+                    f"{spent} ({ratio(spent, script)} of {script} s)",
+                    "-" if whole is None else f"{whole} s ({ratio(whole, script)})",
+                    fixed(run.record["test/accuracy"]),
+                    f"{run.record['timing'] or '-'}",
+                    ran_on(run),
+                ]
+            )
     header = [
         "run",
         f"epoch whose validation accuracy passes {fixed(target)}",
-        f"train-stage seconds by then (of the original script's {script['seconds']} s)",
+        "train-stage seconds by then (of the original script's 5 epochs, same machine)",
         "whole run",
+        "test accuracy after the last epoch",
         "load",
         "code, data, machine",
     ]
@@ -580,6 +625,7 @@ TABLES: dict[str, Callable[[dict[str, Run], dict], str]] = {
     "seeds": seeds_table,
     "original-script": original_script_table,
     "time-to-accuracy": time_to_accuracy_table,
+    "proxy": proxy_table,
 }
 
 

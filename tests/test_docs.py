@@ -195,7 +195,7 @@ def _edit_json(path, drop=(), **changes):
         ),
         (
             lambda results: (results / "original-defaults-2026-11-30.json").unlink(),
-            "original-defaults-2026-11-30.json: not found",
+            "but there is no original-defaults-2026-11-30.json",
         ),
         (lambda results: _edit_json(results / "recipe-flip.json", based_on="recipe-none"), "based_on 'recipe-none'"),
         (
@@ -212,7 +212,15 @@ def _edit_json(path, drop=(), **changes):
         ),
         (
             lambda results: _edit_json(results / "original-defaults-2026-11-30.json", drop=["original_script"]),
-            "original-defaults-2026-11-30.json: no 'original_script' measurement",
+            "beside 'original-defaults-2026-11-30', which has no 'original_script'",
+        ),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", beside="recipe-sgd-seed7"),
+            "recipe-sgd.json: beside 'recipe-sgd-seed7', which has no 'original_script'",
+        ),
+        (
+            lambda results: _edit_json(results / "recipe-sgd.json", proxy_of="recipe-sgd-long"),
+            "recipe-sgd.json: proxy_of 'recipe-sgd-long', but there is no recipe-sgd-long.json",
         ),
         (
             lambda results: (results.parent.parent / "README.md").write_text(
@@ -296,11 +304,26 @@ def test_search_table_gives_a_knobs_change_against_the_run_it_is_based_on(docs_c
     rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
     # validation 0.781 against recipe-sgd's 0.7838, the same seed
     assert rows["| peak rate 0.1"] == (
-        "| peak rate 0.1 | `recipe-sgd-lr01` (earlier code, 2026-11-29) | 0.781 (-0.003) | `recipe-sgd` | 42 | - |"
+        "| peak rate 0.1 | `recipe-sgd-lr01` (earlier code, 2026-11-29) | 0.781 (-0.003) | `recipe-sgd` | 42 | 5 | - |"
     )
     _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", based_on=None)
     assert tables.main([], root=docs_copy) == 2
     assert "recipe-sgd-lr01.json: 'knob' must be a string, and the run based_on" in caplog.text
+
+
+def test_time_to_accuracy_compares_each_run_with_the_original_script_timed_beside_it(docs_copy):
+    """recipe-sgd's runs timed against a measurement of the original script held by recipe-sgd: each
+    row's time is a fraction of that measurement, not of another machine's."""
+    tables = load_tables()
+    script = json.loads((RESULTS / "original-defaults-2026-11-30.json").read_text())["original_script"]
+    _edit_json(docs_copy / "docs/results/recipe-sgd.json", original_script=script | {"seconds": 2000})
+    _edit_json(docs_copy / "docs/results/recipe-sgd-seed7.json", beside="recipe-sgd")
+    assert tables.main([], root=docs_copy) == 0
+    rows = {line.split(" | ")[0]: line for line in generated_table(docs_copy / "README.md", "time-to-accuracy")}
+    # validation 0.615 after epoch 2 of recipe-sgd (321 + 275 s), 0.574 is the original recipe's test accuracy
+    assert rows["| `recipe-sgd`"].startswith("| `recipe-sgd` | 2 of 5 (0.615) | 596 (0.30x of 2000 s) | - | 0.790 |")
+    assert "of 2000 s" in rows["| `recipe-sgd-seed7`"]
+    assert "(0.18x of 1325 s)" in rows["| `recipe-sgd-plus`"]
 
 
 @pytest.mark.parametrize("path", sorted(RESULTS.glob("*.json")), ids=lambda path: path.stem)
