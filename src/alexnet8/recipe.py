@@ -28,7 +28,7 @@ from alexnet8 import cli
 from alexnet8.errors import ParamsError
 from alexnet8.params import parse_params, read_yaml, with_overrides
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("alexnet8.recipe")  # also when run as `python -m alexnet8.recipe`
 
 RECIPES_FOLDER = Path("recipes")
 
