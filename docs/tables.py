@@ -25,8 +25,7 @@ A run's JSON holds:
     date, machine     when and on what it ran
     archive_md5       md5 of the CIFAR-10 archive it was trained on
     seed              the `seed` param
-    based_on          another run (the table shows this run's params as differences from it, else from
-                      its recipe), or null
+    based_on          the run a `knob` run is compared with (same seed), or null
     recipe            the recipe it ran: recipes/<recipe>.yaml ("original": params.yaml as it is)
     set               optional: params set on top of the recipe, {"section.key": value}
                       (not `seed` or `fetch.*`); the run's params are params.yaml + recipe + set + seed
@@ -274,25 +273,6 @@ def yaml_value(value: object) -> str:
     return str(value)
 
 
-def differences(run: Run, runs: dict[str, Run], defaults: dict[str, object]) -> str:
-    """What the run changed against the run it is based on, where its command does not say it: as
-    `-S key=value` overrides against a run of another recipe, or "same params as" for a rerun."""
-    base = run.record["based_on"]
-    if base is None:
-        return "-"
-    theirs = runs[base].params
-    changed = [
-        f"-S {key}={yaml_value(run.params.get(key, defaults.get(key)))}"
-        for key in dict.fromkeys([*theirs, *run.params])
-        if run.params.get(key, defaults.get(key)) != theirs.get(key, defaults.get(key))
-    ]
-    if not changed:
-        return f"same params as {base}"
-    if runs[base].record["recipe"] == run.record["recipe"]:
-        return "-"  # the command's SET is the difference
-    return f"{base} with `{' '.join(changed)}`"
-
-
 def command(run: Run, defaults: dict[str, object]) -> str:
     """What runs the run's params again: `make pipeline` (params.yaml as it is), else `make recipe`,
     with EXP (the experiment's name, when it is not the recipe's: DVC refuses a name twice) and SET
@@ -383,13 +363,19 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
-    """Every run: the original recipe's (newest first), then finished runs by test accuracy, then stopped ones."""
+    """Every full-length run (params.yaml's epochs; the shorter ones are in the proxy, search and
+    time tables): the original recipe's newest (the older ones stay in their files), then finished
+    runs by test accuracy, then stopped ones."""
     others = sorted(
-        (run for run in runs.values() if run.record["recipe"] != "original"),
+        (
+            run
+            for run in runs.values()
+            if run.record["recipe"] != "original" and run.record["epochs"] == defaults["train.epochs"]
+        ),
         key=lambda run: (run.record["test/accuracy"] is None, -(run.record["test/accuracy"] or 0), run.name),
     )
     rows = []
-    for run in originals(runs) + others:
+    for run in originals(runs)[:1] + others:
         stopped = (
             ""
             if run.epochs_run == run.record["epochs"]
@@ -403,11 +389,10 @@ def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
                 seconds(run),
                 ran_on(run),
                 command(run, defaults),
-                differences(run, runs, defaults),
             ]
         )
     header = ["run", "validation accuracy", "test accuracy", "train-stage seconds", "code, data, machine"]
-    return table([*header, "command", "differs from"], rows)
+    return table([*header, "command"], rows)
 
 
 def original_epochs_table(runs: dict[str, Run], defaults: dict) -> str:
@@ -495,15 +480,15 @@ def proxy_table(runs: dict[str, Run], defaults: dict) -> str:
         [
             f"`{short.name}`",
             f"{fixed(short.validation_accuracy[-1])} after {short.epochs_run}",
-            short.record["machine"],
+            ran_on(short),
             f"`{full.name}`",
             f"{fixed(full.validation_accuracy[-1])} after {full.epochs_run}",
-            full.record["machine"],
+            ran_on(full),
         ]
         for full, short in sorted(pairs, key=lambda pair: (-pair[0].validation_accuracy[-1], pair[1].name))
     ]
-    header = ["short run", "validation accuracy, epochs", "machine", "full-length run", "validation accuracy, epochs"]
-    return table([*header, "machine"], rows)
+    header = ["short run", "validation accuracy, epochs", "code, data, machine", "full-length run"]
+    return table([*header, "validation accuracy, epochs", "code, data, machine"], rows)
 
 
 def mean_and_spread(values: Sequence[float]) -> str:
