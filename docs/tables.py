@@ -592,7 +592,7 @@ def time_to_accuracy_table(runs: dict[str, Run], defaults: dict) -> str:
     header = [
         "run",
         f"epoch whose validation accuracy passes {fixed(target)}",
-        "train-stage seconds by then (of the original script's 5 epochs, same machine)",
+        "train-stage seconds by then (of the original script's, same machine)",
         "whole run",
         "test accuracy after the last epoch",
         "load",
