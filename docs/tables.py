@@ -10,7 +10,7 @@ Reads:
     docs/results/<run>_history.csv   the run's per-epoch history, when the JSON names one
                                      (the train stage's reports/train_history.csv)
     recipes/<recipe>.yaml            the recipe the JSON names: its params that differ from params.yaml
-    params.yaml                      the defaults, to show how one run's params differ from another's
+    params.yaml                      the defaults: the seed a command need not set, the full length in epochs
 Writes:
     README.md and docs/*.md, only between the marker comments of a table:
 
@@ -118,11 +118,6 @@ class Run:
     record: dict
     recipe: dict[str, object]  # the params of recipes/<recipe>.yaml, as `section.key` -> value
     history: list[dict[str, float]] | None  # one row per epoch, or None if the history was not kept
-
-    @property
-    def params(self) -> dict[str, object]:
-        """All that may differ from params.yaml: `seed`, the recipe's params and the `set` ones."""
-        return {"seed": self.record["seed"]} | self.recipe | self.record.get("set", {})
 
     @property
     def name(self) -> str:
