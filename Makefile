@@ -55,7 +55,7 @@ test: setup $(VENV)/.installed-ray
 	python -m pytest --numprocesses auto --dist loadfile $(PYTEST_ARGS)
 
 # `make recipe NAME=recipe-sgd [EXP=name] [SET="seed=7 train.epochs=1"]`: `dvc exp run -n EXP -S ...`
-# with the params of recipes/NAME.yaml (and SET on top).
+# with the params of recipes/NAME.yaml (and SET on top), on the committed params.yaml.
 recipe: setup
 	python -m alexnet8.recipe $(NAME) $(if $(EXP),--name $(EXP)) $(foreach item,$(SET),--set $(item))
 
