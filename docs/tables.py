@@ -49,7 +49,7 @@ A run's JSON holds:
     knob              optional: what the run tried against the run it is based_on (same seed), for the
                       search table
     beside            optional: the run whose 'original_script' measurement this run's time is compared
-                      with (the same machine, the same session), for the time-to-accuracy table
+                      with (timed on the same machine, one after the other), for the time-to-accuracy table
     proxy_of          optional: the full-length run whose params this shorter run repeats (other than
                       `train.epochs` and `train.precision`), for the proxy table
     val_served/accuracy
@@ -553,7 +553,7 @@ def original_script_table(runs: dict[str, Run], defaults: dict) -> str:
 
 def time_to_accuracy_table(runs: dict[str, Run], defaults: dict) -> str:
     """When each run first validates at the original recipe's test accuracy, against the original
-    script's time for 5 epochs measured on the same machine in the same session: the run that holds
+    script's time for 5 epochs measured on the same machine, one run after the other: the run that holds
     that measurement and the runs `beside` it, newest measurement first."""
     target = need(runs, CURRENT_ORIGINAL).record["test/accuracy"]
     references = sorted(
