@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -54,30 +55,49 @@ def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
     assert settings == expected | {"seed": "7", "train.precision": "float32"}
 
 
+def _project_with_committed_params(folder: Path, params_text: str) -> None:
+    """A git repository in `folder` whose last commit holds `params_text` as params.yaml and recipe-sgd."""
+    subprocess.run(["git", "init", "-q", str(folder)], check=True)
+    (folder / "params.yaml").write_text(params_text)
+    (folder / "recipes").mkdir()
+    (folder / "recipes" / "recipe-sgd.yaml").write_text((RECIPES / "recipe-sgd.yaml").read_text())
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "add", "."], cwd=folder, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "params"], cwd=folder, check=True)
+
+
+def _dry_run_recipe_sgd(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "alexnet8.recipe", "recipe-sgd", "--dry-run"], cwd=folder, capture_output=True, text=True
+    )
+
+
 def test_a_recipe_runs_on_the_committed_params_not_on_what_the_last_experiment_left(tmp_path):
     """`dvc exp run` leaves its params in the workspace's params.yaml; the next recipe must not inherit them."""
-    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
-    (tmp_path / "params.yaml").write_text((PROJECT_ROOT / "params.yaml").read_text())
-    (tmp_path / "recipes").mkdir()
-    (tmp_path / "recipes" / "recipe-sgd.yaml").write_text((RECIPES / "recipe-sgd.yaml").read_text())
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "add", "."], cwd=tmp_path, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "params"], cwd=tmp_path, check=True)
+    _project_with_committed_params(tmp_path, (PROJECT_ROOT / "params.yaml").read_text())
     left = (tmp_path / "params.yaml").read_text().replace("label_smoothing: 0.0 ", "label_smoothing: 0.2 ")
     (tmp_path / "params.yaml").write_text(left.replace("dropout: 0.5 ", "dropout: 0.0 "))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "alexnet8.recipe", "recipe-sgd", "--dry-run"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-    )
+    result = _dry_run_recipe_sgd(tmp_path)
 
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout.strip().splitlines()[-1])
     assert "train.label_smoothing=0.0" in command and "train.dropout=0.0" in command
     assert "train.label_smoothing=0.2" not in command
     assert "differs from the last commit in train.label_smoothing" in result.stderr
+
+
+def test_a_committed_params_file_with_a_duplicate_key_is_named_as_the_committed_one(tmp_path):
+    committed = (PROJECT_ROOT / "params.yaml").read_text()
+    _project_with_committed_params(tmp_path, committed + "seed: 7\n")
+    (tmp_path / "params.yaml").write_text(committed)  # fixed in the workspace, not yet committed
+
+    result = _dry_run_recipe_sgd(tmp_path)
+
+    assert result.returncode == 1
+    assert "params.yaml in the last commit: not valid YAML: " in result.stderr
+    assert "duplicate key 'seed'" in result.stderr
+    assert "dvc exp run" not in result.stdout
 
 
 @pytest.mark.parametrize(

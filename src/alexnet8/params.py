@@ -194,6 +194,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def parse_yaml(text: str, source: str) -> object:
+    """YAML text's content. Raises ParamsError naming `source`: not YAML, or a duplicate key."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{source}: not valid YAML: {error}") from None
+
+
 def read_yaml(path: str | Path) -> object:
     """A YAML file's content. Raises ParamsError naming the file: unreadable, not YAML, a duplicate key."""
     path = Path(path)
@@ -201,10 +209,7 @@ def read_yaml(path: str | Path) -> object:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ParamsError(f"{path}: cannot read params file: {error.strerror}") from None
-    try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_yaml(text, source=str(path))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

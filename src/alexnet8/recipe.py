@@ -26,7 +26,7 @@ import yaml
 
 from alexnet8 import cli
 from alexnet8.errors import ParamsError
-from alexnet8.params import parse_params, read_yaml, with_overrides
+from alexnet8.params import parse_params, parse_yaml, read_yaml, with_overrides
 
 logger = logging.getLogger("alexnet8.recipe")  # also when run as `python -m alexnet8.recipe`
 
@@ -82,7 +82,7 @@ def committed_params(params_file: str | Path) -> dict:
         raise ParamsError(
             f"{params_file}: not in the last commit ({result.stderr.strip()}); recipes run on the committed params"
         )
-    return yaml.safe_load(result.stdout)
+    return parse_yaml(result.stdout, source=f"{params_file} in the last commit")
 
 
 def resets_to_committed(overrides: dict[str, object], workspace: dict, committed: dict) -> dict[str, object]:

@@ -45,6 +45,7 @@ from alexnet8 import cli, local_store, tracking
 from alexnet8.errors import PipelineError
 from alexnet8.files import file_md5
 from alexnet8.metric_names import EVALUATE_HEADLINE, TRAIN_HEADLINE
+from alexnet8.params import parse_yaml
 from alexnet8.run_record import read_run_file
 from alexnet8.tensorflow_startup import load_tensorflow
 
@@ -470,7 +471,7 @@ def restore_inputs(workspace: Path, root: Path, source: Source) -> None:
         logger.warning("restored the run's uncommitted changes to %s from its provenance", ", ".join(changed))
     if "params.yaml" not in source.files:
         raise PipelineError(f"run {source.training_run_id} has no provenance/params.yaml: its params are unknown")
-    params = yaml.safe_load(source.files["params.yaml"])
+    params = parse_yaml(source.files["params.yaml"], source=f"run {source.training_run_id}'s provenance/params.yaml")
     if isinstance(params.get("mlflow"), dict) and "registered_model_name" in params["mlflow"]:
         params["mlflow"]["registered_model_name"] = ""  # see the module's docstring
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
