@@ -263,7 +263,9 @@ main(["train", *arguments])
 
 EPOCHS = 5
 EPOCH_NUMBERS = list(range(1, EPOCHS + 1))  # as MLflow steps and the history CSV number them
-TINY = {"train.epochs": EPOCHS, "train.batch_size": 16, "train.dense_units": 32}
+# No XLA: compiling the train step costs each of the chain's dozen processes seconds, and what is
+# tested here is the checkpoint format, not the arithmetic (test_optimization.py compiles it).
+TINY = {"train.epochs": EPOCHS, "train.batch_size": 16, "train.dense_units": 32, "train.jit_compile": False}
 
 
 def _arguments(folder: Path, prepared_dir: Path, params_file: Path, checkpoints_folder: Path | None = None):

@@ -32,7 +32,9 @@ from alexnet8.metric_names import EPOCH_METRICS
 from alexnet8.params import TrainParams, load_params
 from alexnet8.preprocess import read_archive
 
-TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32}
+# No XLA: compiling the train step costs each training process seconds, and these tests are about
+# faults, not the arithmetic (test_optimization.py compiles it).
+TINY = {"train.epochs": 3, "train.batch_size": 16, "train.dense_units": 32, "train.jit_compile": False}
 
 
 def _params(**overrides) -> TrainParams:
@@ -40,6 +42,7 @@ def _params(**overrides) -> TrainParams:
         "epochs": 3,
         "batch_size": 16,
         "dense_units": 32,
+        "jit_compile": False,
     }
     return TrainParams(**(values | overrides))
 
