@@ -66,14 +66,13 @@ def test_the_served_models_own_numpy_check_has_the_fences_range():
 
 def test_the_patch_sites_check_their_fences(monkeypatch, tmp_path):
     """Each patch refuses to apply on an unchecked version, before it touches anything."""
-    from alexnet8 import local_store, multi_worker, network, optimization, tracking
+    from alexnet8 import local_store, multi_worker, optimization, tracking
 
     fake_version(monkeypatch, "keras", "3.16.0")
     for apply in (
         lambda: multi_worker.prepare_for_fit(None, None, None),
         lambda: optimization.FusedAdam().build([]),
         lambda: optimization.FusedSGD(momentum=0.9).build([]),
-        lambda: network.portable_model(None),
     ):
         with pytest.raises(LibraryVersionError, match="keras 3.16.0 is installed"):
             apply()

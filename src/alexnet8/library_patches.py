@@ -90,13 +90,6 @@ FUSED_OPTIMIZERS = Fence(
     "one fused TensorFlow kernel per weight update instead of a dozen ops (docs/performance.md)",
     ("tests/test_optimization.py",),
 )
-PORTABLE_MODEL = Fence(
-    "keras",
-    "network.portable_model",
-    "clone_model recompiling the clone from get_compile_config(), the optimizer's class looked up by name",
-    "a saved model names Keras' own classes, not the fused ones, so it loads without this package",
-    ("tests/test_network.py", "tests/test_optimization.py"),
-)
 LOCAL_STORE_PATHS = Fence(
     "mlflow",
     "local_store.keep_inside",
@@ -125,7 +118,6 @@ FENCES = (
     KERAS_FIT_UNDER_MULTI_WORKER,
     TENSORFLOW_COORDINATION_SERVICE,
     FUSED_OPTIMIZERS,
-    PORTABLE_MODEL,
     LOCAL_STORE_PATHS,
     MLFLOW_HTTP_RETRIES,
     NUMPY_PRINT_OPTIONS,

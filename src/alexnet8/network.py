@@ -21,7 +21,6 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from alexnet8 import library_patches
 from alexnet8.dataset import IMAGE_SHAPE
 
 
@@ -120,21 +119,19 @@ def build_alexnet8(
 
 
 def portable_model(model: keras.Model) -> keras.Model:
-    """`model` made only of Keras' own classes, same weights, compiled as `model` is: Keras'
+    """`model`'s layers and weights made only of Keras' own classes, uncompiled: Keras'
     BatchNormalization replaces every FusedBatchNormalization (at inference the two compute the
-    same), and a fused optimizer's Keras class (its `keras_class`) replaces it in the compile
-    config. A saved file of it loads anywhere."""
-    library_patches.PORTABLE_MODEL.check()
-    optimizer = getattr(model, "optimizer", None)
-    inner = getattr(optimizer, "inner_optimizer", None)  # inside mixed_float16's LossScaleOptimizer
-    keras_optimizers = {type(o).__name__: o.keras_class for o in (optimizer, inner) if hasattr(o, "keras_class")}
+    same). A saved file of it loads anywhere and holds no optimizer state: a compiled clone would
+    carry a fresh optimizer's zeros (twice the weights' size for Adam), not the training's state,
+    which the checkpoints keep."""
 
     def keras_layer(layer):
         kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) else type(layer)
         return kind.from_config(layer.get_config())
 
-    with keras.saving.CustomObjectScope(keras_optimizers):  # clone_model recompiles from the config
-        copy = keras.models.clone_model(model, clone_function=keras_layer)
+    # clone_model recompiles a compiled model; the same layers in a new functional model are not compiled.
+    uncompiled = keras.Model(model.inputs, model.outputs, name=model.name)
+    copy = keras.models.clone_model(uncompiled, clone_function=keras_layer)
     copy.set_weights(model.get_weights())
     return copy
 

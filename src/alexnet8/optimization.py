@@ -82,20 +82,14 @@ class _FusedAdamUpdate(_FencedBuild):
 class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
     """Keras' Adam, each weight updated by TensorFlow's fused kernel (see _FusedAdamUpdate)."""
 
-    keras_class = keras.optimizers.Adam  # what a saved model names (network.portable_model)
-
 
 class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
     """Keras' AdamW, each weight updated by TensorFlow's fused kernel (see _FusedAdamUpdate)."""
-
-    keras_class = keras.optimizers.AdamW
 
 
 class FusedSGD(_FencedBuild, keras.optimizers.SGD):
     """Keras' SGD with momentum, each weight updated by TensorFlow's fused kernel
     (ResourceApplyKerasMomentum: Keras' formula, Nesterov's too, in one pass instead of several)."""
-
-    keras_class = keras.optimizers.SGD
 
     def update_step(self, gradient, variable, learning_rate):
         if not self.momentum:
