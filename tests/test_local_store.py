@@ -34,6 +34,7 @@ def test_two_queue_workers_on_a_new_local_store_lose_nothing(tmp_path, tiny_arch
             "train.epochs": 2,
             "train.batch_size": 16,
             "train.dense_units": 16,
+            "train.jit_compile": False,  # XLA's compile would cost each experiment seconds; tested here is the store
         },
     )
     commit_all(project, "project on the tiny archive")
