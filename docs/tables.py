@@ -50,6 +50,8 @@ A run's JSON holds:
                       search table
     beside            optional: the run whose 'original_script' measurement this run's time is compared
                       with (timed on the same machine, one after the other), for the time-to-accuracy table
+    superseded_by     optional: the run of a recipe that replaced this run's (the recipes table leaves the
+                      run out; its file and the pages' mentions of it stay)
     proxy_of          optional: the full-length run whose params this shorter run repeats (other than
                       `train.epochs` and `train.precision`), for the proxy table
     val_served/accuracy
@@ -236,7 +238,7 @@ def read_runs(results: Path, recipes: Path) -> dict[str, Run]:
         base = run.record["based_on"]
         if base is not None and base not in runs:
             raise ResultsError(f"{results / run.name}.json: based_on {base!r}, but there is no {base}.json")
-        for field in ("beside", "proxy_of"):
+        for field in ("beside", "proxy_of", "superseded_by"):
             other = run.record.get(field)
             if other is not None and other not in runs:
                 raise ResultsError(f"{results / run.name}.json: {field} {other!r}, but there is no {other}.json")
@@ -359,13 +361,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def recipes_table(runs: dict[str, Run], defaults: dict) -> str:
     """Every full-length run (params.yaml's epochs; the shorter ones are in the proxy, search and
-    time tables): the original recipe's newest (the older ones stay in their files), then finished
-    runs by test accuracy, then stopped ones."""
+    time tables) but the superseded ones and those that set a knob on top of a recipe (the search
+    table's): the original recipe's newest (the older ones stay in their files), then finished runs
+    by test accuracy, then stopped ones."""
     others = sorted(
         (
             run
             for run in runs.values()
-            if run.record["recipe"] != "original" and run.record["epochs"] == defaults["train.epochs"]
+            if run.record["recipe"] != "original"
+            and run.record["epochs"] == defaults["train.epochs"]
+            and not ("knob" in run.record and "set" in run.record)
+            and "superseded_by" not in run.record
         ),
         key=lambda run: (run.record["test/accuracy"] is None, -(run.record["test/accuracy"] or 0), run.name),
     )
@@ -455,17 +461,19 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
     rows = [
         [
             run.record["knob"],
-            f"`{run.name}` ({code(run)})",
+            f"`{run.name}`",
             f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
             f"`{base.name}`",
             str(run.record["seed"]),
             str(run.record["epochs"]),
             fixed(run.record.get("val_served/accuracy")),
+            ran_on(run),
+            command(run, defaults),
         ]
         for delta, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
     ]
-    header = ["knob tried", "run (code)", "validation accuracy (change)", "against", "seed", "epochs"]
-    return table([*header, "validation accuracy with the run's TTA"], rows)
+    header = ["knob tried", "run", "validation accuracy (change)", "against", "seed", "epochs", "with the run's TTA"]
+    return table([*header, "code, data, machine", "command"], rows)
 
 
 def proxy_table(runs: dict[str, Run], defaults: dict) -> str:

@@ -223,6 +223,10 @@ def _edit_json(path, drop=(), **changes):
             "recipe-sgd.json: proxy_of 'recipe-sgd-long', but there is no recipe-sgd-long.json",
         ),
         (
+            lambda results: _edit_json(results / "recipe-lean.json", superseded_by="recipe-sgdd"),
+            "recipe-lean.json: superseded_by 'recipe-sgdd', but there is no recipe-sgdd.json",
+        ),
+        (
             lambda results: (results.parent.parent / "README.md").write_text(
                 "<!-- table:nothing -->\n<!-- /table -->\n"
             ),
@@ -276,6 +280,17 @@ def test_a_run_may_set_params_on_top_of_its_recipe(docs_copy):
     assert rows["| `recipe-sgd-rerun`"].endswith("| `make recipe NAME=recipe-sgd EXP=recipe-sgd-rerun` |")
 
 
+def test_the_recipes_table_leaves_out_superseded_runs_and_knobs_set_on_a_recipe(docs_copy):
+    tables = load_tables()
+    _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", superseded_by="recipe-sgd")
+    assert tables.main([], root=docs_copy) == 0
+    listed = {line.split(" | ")[0] for line in generated_table(docs_copy / "README.md", "recipes")}
+    assert "| `recipe-sgd`" in listed and "| `recipe-sgd-plus`" in listed  # recipe-sgd-plus is a knob, not set
+    assert "| `recipe-sgd-lr01`" not in listed and "| `recipe-lean`" not in listed
+    assert "| `recipe-sgd-crop2`" not in listed  # in the search table
+    assert any("`recipe-sgd-crop2`" in line for line in generated_table(docs_copy / "README.md", "search"))
+
+
 def test_seeds_table_gives_mean_and_spread_over_seeds_counting_a_rerun_once(docs_copy):
     """recipe-sgd ran with seeds 42 (twice: recipe-sgd and recipe-sgd-rerun) and 7."""
     tables = load_tables()
@@ -295,7 +310,8 @@ def test_search_table_gives_a_knobs_change_against_the_run_it_is_based_on(docs_c
     rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
     # validation 0.781 against recipe-sgd's 0.7838, the same seed
     assert rows["| peak rate 0.1"] == (
-        "| peak rate 0.1 | `recipe-sgd-lr01` (earlier code, 2026-11-29) | 0.781 (-0.003) | `recipe-sgd` | 42 | 5 | - |"
+        "| peak rate 0.1 | `recipe-sgd-lr01` | 0.781 (-0.003) | `recipe-sgd` | 42 | 5 | - | earlier code, 2026-11-29; "
+        "JPEG copy; AMD EPYC, AVX512_BF16 | `make recipe NAME=recipe-sgd-lr01` |"
     )
     _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", based_on=None)
     assert tables.main([], root=docs_copy) == 2
@@ -456,6 +472,7 @@ def test_each_row_of_the_readme_results_names_a_commit_of_this_history_and_its_d
     ("page", "table"),
     [
         ("results.md", "recipes"),
+        ("results.md", "search"),
         ("results.md", "time-to-accuracy"),
         ("results.md", "proxy"),
         ("performance.md", "original-script"),
