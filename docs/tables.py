@@ -451,6 +451,15 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
     return table([*header, "command"], rows)
 
 
+def served_change(run: Run, base: Run) -> str:
+    """The run's validation accuracy as served (its test-time views; for a weight average, the
+    saved weights, which its history does not see), with the change against `base`'s when known."""
+    served, based = run.record.get("val_served/accuracy"), base.record.get("val_served/accuracy")
+    if served is None or based is None:
+        return fixed(served)
+    return f"{fixed(served)} ({'+' if served >= based else '-'}{fixed(abs(served - based))})"
+
+
 def search_table(runs: dict[str, Run], defaults: dict) -> str:
     """The runs that tried a knob: validation accuracy against the run they are based on (same
     seed), largest gain first."""
@@ -466,13 +475,13 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
             f"`{base.name}`",
             str(run.record["seed"]),
             str(run.record["epochs"]),
-            fixed(run.record.get("val_served/accuracy")),
+            served_change(run, base),
             ran_on(run),
             command(run, defaults),
         ]
         for delta, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
     ]
-    header = ["knob tried", "run", "validation accuracy (change)", "against", "seed", "epochs", "with the run's TTA"]
+    header = ["knob tried", "run", "validation accuracy (change)", "against", "seed", "epochs", "as served (change)"]
     return table([*header, "code, data, machine", "command"], rows)
 
 
