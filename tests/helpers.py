@@ -129,6 +129,18 @@ def fresh_clone(destination: Path) -> Path:
     return destination
 
 
+# `make` typed in a project whose `.venv` is this test's environment (link_test_environment), told
+# that the environment and its Ray extra are installed (they are), so that it installs nothing.
+MAKE = ["make", "-o", ".venv/.installed", "-o", ".venv/.installed-ray"]
+
+
+def link_test_environment(project: Path) -> None:
+    """Make this test's environment the project's `.venv`: a link git does not see (see MAKE)."""
+    with open(project / ".git" / "info" / "exclude", "a") as exclude:
+        exclude.write("/.venv\n")  # `.gitignore`'s `.venv/` matches only a folder, not the link
+    (project / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -19,7 +18,17 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from helpers import PROJECT_ROOT, activated_environment, commit_all, free_port, fresh_clone, run_command, write_params
+from helpers import (
+    MAKE,
+    PROJECT_ROOT,
+    commit_all,
+    free_port,
+    fresh_clone,
+    link_test_environment,
+    minimal_environment,
+    run_command,
+    write_params,
+)
 
 from alexnet8 import ray_training
 from alexnet8.__main__ import command_parser
@@ -100,16 +109,27 @@ def _ray_processes(temp_dir: Path) -> list[str]:
     return found
 
 
+TRAIN_RAY = [*MAKE, "train-ray", "WORKERS=2"]
+
+
 def _driver(project: Path, **environment: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "alexnet8.ray_training", "--workers", "2"]
+    """`make train-ray WORKERS=2` typed in the project from a plain shell (docs/scaling.md), in a
+    process group of its own so that a job that overruns is stopped whole."""
     return subprocess.Popen(
-        command,
+        TRAIN_RAY,
         cwd=project,
-        env=activated_environment(**SECRETS, **environment),
+        env=minimal_environment(**SECRETS, **environment),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,
     )
+
+
+def _stop(driver: subprocess.Popen) -> None:
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
 
 
 def _kill_rank_1_after_epoch_1(driver: subprocess.Popen, lines: list[str], project: Path) -> None:
@@ -159,13 +179,17 @@ def ray_jobs(tiny_archive, tmp_path_factory):
     tiny = {"train.epochs": EPOCHS, "train.batch_size": 32, "train.dense_units": 64, "train.random_flip": True}
     write_params(project / "params.yaml", **{"fetch.url": archive.as_uri(), "fetch.md5": md5}, **tiny)
     commit_all(project, "project on the tiny archive")
+    link_test_environment(project)
     run_command(["dvc", "repro", "preprocess"], project)
     seen: dict[str, object] = {"project": project}
     # Ray's sockets live in its temporary folder, whose path must stay short.
     local_temp, cluster_temp = (Path(tempfile.mkdtemp(prefix="ray", dir="/tmp")) for _ in range(2))
     try:
         local = _driver(project, RAY_TMPDIR=str(local_temp))
-        seen["local_log"] = local.communicate(timeout=600)[0]
+        try:
+            seen["local_log"] = local.communicate(timeout=600)[0]
+        finally:
+            _stop(local)
         (project.parent / "local.log").write_text(seen["local_log"])
         assert local.returncode == 0, seen["local_log"]
         seen["local_left"] = _ray_processes(local_temp)
@@ -197,8 +221,7 @@ def ray_jobs(tiny_archive, tmp_path_factory):
                 _kill_rank_1_after_epoch_1(driver, lines, project)
                 lines.append(driver.communicate(timeout=600)[0])
             finally:
-                if driver.poll() is None:
-                    driver.kill()
+                _stop(driver)
             seen["cluster_log"] = "".join(lines)
             (project.parent / "cluster.log").write_text(seen["cluster_log"])
             assert driver.returncode == 0, seen["cluster_log"]
@@ -271,7 +294,7 @@ def test_secrets_reach_the_workers_but_not_rays_state_api_dashboard_or_logs(ray_
 def test_with_the_team_stack_up_the_run_and_its_artifacts_land_on_its_server(tiny_archive, tmp_path):
     """`source .stack/env && make train-ray`: the job's run is on the stack's MLflow server (its
     PostgreSQL), its artifacts in the stack's S3 store, as `dvc repro` would log them."""
-    from test_stack import Stack, _free_ports, make, tiny_project
+    from test_stack import Stack, _free_ports, client_settings, make, tiny_project
 
     project = tiny_project(tmp_path / "team", *tiny_archive, **{"train.epochs": 1})
     stack, environ = Stack(project), dict(os.environ)
@@ -279,8 +302,9 @@ def test_with_the_team_stack_up_the_run_and_its_artifacts_land_on_its_server(tin
     try:
         make("stack-up", project, **_free_ports())
         run_command(["dvc", "repro", "preprocess"], project, stack.environment())
-        command = [sys.executable, "-m", "alexnet8.ray_training", "--workers", "2"]
-        run_command(command, project, stack.environment(RAY_TMPDIR=str(ray_temp)))
+        # `source .stack/env`, then make (docs/scaling.md): nothing else of the project is active.
+        shell = minimal_environment(**client_settings(project), RAY_TMPDIR=str(ray_temp))
+        run_command(TRAIN_RAY, project, shell)
         run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
         client = stack.client()
         run = client.get_run(run_id)

@@ -12,7 +12,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from helpers import commit_all, committed_repository, fresh_clone, minimal_environment, run_command, write_params
+from helpers import (
+    MAKE,
+    commit_all,
+    committed_repository,
+    fresh_clone,
+    link_test_environment,
+    minimal_environment,
+    run_command,
+    write_params,
+)
 from test_stack import stack  # noqa: F401  the team stack of a fresh clone, up on free ports (a fixture)
 
 from alexnet8.errors import PipelineError
@@ -148,7 +157,7 @@ TINY = {"train.epochs": 1, "train.batch_size": 16, "train.dense_units": 16}
 def _make(project: Path, *arguments: str) -> str:
     """`make ...` typed in the project from a plain shell; its `.venv` is this test's environment
     (linked), which make is told is up to date."""
-    return run_command(["make", "-o", ".venv/.installed", *arguments], project, minimal_environment())
+    return run_command([*MAKE, *arguments], project, minimal_environment())
 
 
 def _served_version(project: Path) -> str:
@@ -174,9 +183,7 @@ def project(tmp_path_factory, tiny_archive) -> Path:
     archive, md5 = tiny_archive
     write_params(root / "params.yaml", **{"fetch.url": archive.as_uri(), "fetch.md5": md5, **TINY})
     commit_all(root, "the project on the tiny archive")
-    with open(root / ".git" / "info" / "exclude", "a") as exclude:
-        exclude.write("/.venv\n")  # the link below: git ignores `/.venv/` only as a folder
-    (root / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    link_test_environment(root)
     _make(root, "pipeline")
     commit_all(root, "its outputs")
     return root

@@ -17,7 +17,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import textwrap
 import time
 import urllib.error
@@ -29,7 +28,16 @@ import mlflow
 import pytest
 import yaml
 from cifar_archive import make_cifar_archive
-from helpers import activated_environment, commit_all, evaluation_run, fresh_clone, load_script, minimal_environment
+from helpers import (
+    MAKE,
+    activated_environment,
+    commit_all,
+    evaluation_run,
+    fresh_clone,
+    link_test_environment,
+    load_script,
+    minimal_environment,
+)
 from helpers import run_command as run
 
 from alexnet8.metric_names import EPOCH_METRICS
@@ -74,16 +82,12 @@ def _free_ports() -> dict[str, str]:
 def make(target: str, project: Path, **settings: str) -> str:
     """`make TARGET` typed in the project from a plain shell. The project's `.venv` is the test's
     environment (linked), which make is told is up to date (`-o`): it is, and must not be reinstalled."""
-    return run(["make", "-o", ".venv/.installed", target], project, minimal_environment(**settings), timeout=600)
-
-
-def link_environment(project: Path) -> None:
-    (project / ".venv").symlink_to(sys.prefix, target_is_directory=True)
+    return run([*MAKE, target], project, minimal_environment(**settings), timeout=600)
 
 
 def tiny_project(destination: Path, archive: Path, md5: str, **overrides: object) -> Path:
     root = fresh_clone(destination)
-    link_environment(root)
+    link_test_environment(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     for dotted, value in {"fetch.url": archive.as_uri(), "fetch.md5": md5, **TINY, **overrides}.items():
         section, key = dotted.split(".")
