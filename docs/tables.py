@@ -451,18 +451,17 @@ def readme_table(runs: dict[str, Run], defaults: dict) -> str:
     return table([*header, "command"], rows)
 
 
-def served_change(run: Run, base: Run) -> str:
-    """The run's validation accuracy as served (its test-time views; for a weight average, the
-    saved weights, which its history does not see), with the change against `base`'s when known."""
-    served, based = run.record.get("val_served/accuracy"), base.record.get("val_served/accuracy")
-    if served is None or based is None:
-        return fixed(served)
-    return f"{fixed(served)} ({'+' if served >= based else '-'}{fixed(abs(served - based))})"
+def with_change(value: float | None, reference: float | None) -> str:
+    """`value` and its change against `reference` ("0.799 (+0.015)"); `value` alone if either is unknown."""
+    if value is None or reference is None:
+        return fixed(value)
+    return f"{fixed(value)} ({'+' if value >= reference else '-'}{fixed(abs(value - reference))})"
 
 
 def search_table(runs: dict[str, Run], defaults: dict) -> str:
     """The runs that tried a knob: validation accuracy against the run they are based on (same
-    seed), largest gain first."""
+    seed), largest gain first, and as served (test-time views; for a weight average, the saved
+    weights, which the history does not see)."""
     tried = []
     for run in (run for run in runs.values() if "knob" in run.record):
         base = need(runs, run.record["based_on"])
@@ -471,15 +470,15 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
         [
             run.record["knob"],
             f"`{run.name}`",
-            f"{fixed(run.validation_accuracy[-1])} ({'+' if delta >= 0 else '-'}{fixed(abs(delta))})",
+            with_change(run.validation_accuracy[-1], base.validation_accuracy[-1]),
             f"`{base.name}`",
             str(run.record["seed"]),
             str(run.record["epochs"]),
-            served_change(run, base),
+            with_change(run.record.get("val_served/accuracy"), base.record.get("val_served/accuracy")),
             ran_on(run),
             command(run, defaults),
         ]
-        for delta, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
+        for _, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
     ]
     header = ["knob tried", "run", "validation accuracy (change)", "against", "seed", "epochs", "as served (change)"]
     return table([*header, "code, data, machine", "command"], rows)
