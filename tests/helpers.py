@@ -98,6 +98,7 @@ def committed_repository(folder: Path, files: dict[str, str]) -> Path:
     """A new git repository at `folder` whose one commit holds `files` (relative path -> text)."""
     folder.mkdir(parents=True)
     for relative, text in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text(text)
     run_command(["git", "init", "-q"], folder, minimal_environment())
     commit_all(folder, "first")

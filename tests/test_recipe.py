@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import PROJECT_ROOT, minimal_environment, run_command
+from helpers import PROJECT_ROOT, committed_repository, minimal_environment, run_command
 
 from alexnet8.params import TrainParams
 from alexnet8.recipe import checked_overrides, load_recipe, recipe_names
@@ -55,15 +55,10 @@ def test_make_recipe_runs_the_recipe_file_as_a_dvc_experiment():
     assert settings == expected | {"seed": "7", "train.precision": "float32"}
 
 
-def _project_with_committed_params(folder: Path, params_text: str) -> None:
+def _project_with_committed_params(folder: Path, params_text: str) -> Path:
     """A git repository in `folder` whose last commit holds `params_text` as params.yaml and recipe-sgd."""
-    subprocess.run(["git", "init", "-q", str(folder)], check=True)
-    (folder / "params.yaml").write_text(params_text)
-    (folder / "recipes").mkdir()
-    (folder / "recipes" / "recipe-sgd.yaml").write_text((RECIPES / "recipe-sgd.yaml").read_text())
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
-    subprocess.run([*git, "add", "."], cwd=folder, check=True)
-    subprocess.run([*git, "commit", "-q", "-m", "params"], cwd=folder, check=True)
+    recipe = (RECIPES / "recipe-sgd.yaml").read_text()
+    return committed_repository(folder / "project", {"params.yaml": params_text, "recipes/recipe-sgd.yaml": recipe})
 
 
 def _dry_run_recipe_sgd(folder: Path) -> subprocess.CompletedProcess:
@@ -74,11 +69,11 @@ def _dry_run_recipe_sgd(folder: Path) -> subprocess.CompletedProcess:
 
 def test_a_recipe_runs_on_the_committed_params_not_on_what_the_last_experiment_left(tmp_path):
     """`dvc exp run` leaves its params in the workspace's params.yaml; the next recipe must not inherit them."""
-    _project_with_committed_params(tmp_path, (PROJECT_ROOT / "params.yaml").read_text())
-    left = (tmp_path / "params.yaml").read_text().replace("label_smoothing: 0.0 ", "label_smoothing: 0.2 ")
-    (tmp_path / "params.yaml").write_text(left.replace("dropout: 0.5 ", "dropout: 0.0 "))
+    project = _project_with_committed_params(tmp_path, (PROJECT_ROOT / "params.yaml").read_text())
+    left = (project / "params.yaml").read_text().replace("label_smoothing: 0.0 ", "label_smoothing: 0.2 ")
+    (project / "params.yaml").write_text(left.replace("dropout: 0.5 ", "dropout: 0.0 "))
 
-    result = _dry_run_recipe_sgd(tmp_path)
+    result = _dry_run_recipe_sgd(project)
 
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout.strip().splitlines()[-1])
@@ -89,10 +84,10 @@ def test_a_recipe_runs_on_the_committed_params_not_on_what_the_last_experiment_l
 
 def test_a_committed_params_file_with_a_duplicate_key_is_named_as_the_committed_one(tmp_path):
     committed = (PROJECT_ROOT / "params.yaml").read_text()
-    _project_with_committed_params(tmp_path, committed + "seed: 7\n")
-    (tmp_path / "params.yaml").write_text(committed)  # fixed in the workspace, not yet committed
+    project = _project_with_committed_params(tmp_path, committed + "seed: 7\n")
+    (project / "params.yaml").write_text(committed)  # fixed in the workspace, not yet committed
 
-    result = _dry_run_recipe_sgd(tmp_path)
+    result = _dry_run_recipe_sgd(project)
 
     assert result.returncode == 1
     assert "params.yaml in the last commit: not valid YAML: " in result.stderr
