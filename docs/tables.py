@@ -460,8 +460,8 @@ def with_change(value: float | None, reference: float | None) -> str:
 
 def search_table(runs: dict[str, Run], defaults: dict) -> str:
     """The runs that tried a knob: validation accuracy against the run they are based on (same
-    seed), largest gain first, and as served (test-time views; for a weight average, the saved
-    weights, which the history does not see)."""
+    seed), largest gain first, as served (test-time views; for a weight average, the saved
+    weights, which the history does not see), and the time it took."""
     tried = []
     for run in (run for run in runs.values() if "knob" in run.record):
         base = need(runs, run.record["based_on"])
@@ -475,13 +475,14 @@ def search_table(runs: dict[str, Run], defaults: dict) -> str:
             str(run.record["seed"]),
             str(run.record["epochs"]),
             with_change(run.record.get("val_served/accuracy"), base.record.get("val_served/accuracy")),
+            seconds(run),
             ran_on(run),
             command(run, defaults),
         ]
         for _, run, base in sorted(tried, key=lambda item: (-item[1].record["epochs"], -item[0], item[1].name))
     ]
     header = ["knob tried", "run", "validation accuracy (change)", "against", "seed", "epochs", "as served (change)"]
-    return table([*header, "code, data, machine", "command"], rows)
+    return table([*header, "train-stage seconds", "code, data, machine", "command"], rows)
 
 
 def proxy_table(runs: dict[str, Run], defaults: dict) -> str:

@@ -308,9 +308,10 @@ def test_search_table_gives_a_knobs_change_against_the_run_it_is_based_on(docs_c
     _edit_json(docs_copy / "docs/results/recipe-sgd-lr01.json", based_on="recipe-sgd", knob="peak rate 0.1")
     assert tables.main([], root=docs_copy) == 0
     rows = {line.split(" | ")[0]: line for line in (docs_copy / "README.md").read_text().splitlines()}
-    # validation 0.781 against recipe-sgd's 0.7838, the same seed
+    # validation 0.781 against recipe-sgd's 0.7838, the same seed; its train-stage seconds and their load
     assert rows["| peak rate 0.1"] == (
-        "| peak rate 0.1 | `recipe-sgd-lr01` | 0.781 (-0.003) | `recipe-sgd` | 42 | 5 | - | earlier code, 2026-11-29; "
+        "| peak rate 0.1 | `recipe-sgd-lr01` | 0.781 (-0.003) | `recipe-sgd` | 42 | 5 | - | 1371 (another training on "
+        "the same cores) | earlier code, 2026-11-29; "
         "JPEG copy; AMD EPYC, AVX512_BF16 | `make recipe NAME=recipe-sgd-lr01` |"
     )
     # as served: 0.808 against recipe-sgd-plus's 0.8092 (a weight average shows only there)
