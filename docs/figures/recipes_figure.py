@@ -8,8 +8,9 @@ Usage:
 The first draws each run's validation (solid) and training (dashed) curves on one figure; with
 --stage, one run is drawn as the pipeline's plot stage draws reports/figures/training_curves.png.
 Each HISTORY.csv is a train stage's `reports/train_history.csv` (a row per epoch: `epoch` from 1,
-then train/ and val/ accuracy and loss), such as docs/results/<run>_history.csv. --source writes where the runs came from (data, machine,
-date) under the plots. Reads only those files; writes OUT.png.
+then train/ and val/ accuracy and loss), such as docs/results/<run>_history.csv. --source writes
+where the runs came from (data, machine, date) under the plots. Reads only those files; writes
+OUT.png.
 """
 
 from __future__ import annotations

@@ -20,3 +20,10 @@ python docs/figures/recipes_figure.py docs/figures/search-2026-11-30.png \
   recipe-sgd-plus=docs/results/recipe-sgd-plus_history.csv \
   "recipe-sgd-plus seed 7=docs/results/recipe-sgd-plus-seed7_history.csv" \
   "recipe-sgd-plus seed 1=docs/results/recipe-sgd-plus-seed1_history.csv"
+python docs/figures/recipes_figure.py docs/figures/search-avx2-2026-12-05.png \
+  "--source=Data: CIFAR-10 as a JPEG (quality 75) copy, md5 0f86bb969cf3561244b4124d383e2324. 2026-12-05, a 2-core AMD EPYC with AVX2 only, float32, seed 42; commits ac1b940 (recipe-sgd-plus-f32, label smoothing 0.3) and 8ecf1b6 (the weight decay runs)." \
+  "recipe-sgd-plus, float32=docs/results/recipe-sgd-plus-f32_history.csv" \
+  "label smoothing 0.3=docs/results/recipe-sgd-plus-ls03_history.csv" \
+  "weight decay 0.0025=docs/results/recipe-sgd-plus-wd0025_history.csv" \
+  "weight decay 0.01=docs/results/recipe-sgd-plus-wd01_history.csv" \
+  "decay on kernels only=docs/results/recipe-sgd-plus-kernel-decay_history.csv"
