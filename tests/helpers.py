@@ -135,6 +135,12 @@ def fresh_clone(destination: Path) -> Path:
 MAKE = ["make", "-o", ".venv/.installed", "-o", ".venv/.installed-ray"]
 
 
+def make(project: Path, *arguments: str, timeout: float = 1800, **settings: str) -> str:
+    """`make ARGUMENTS` typed in `project` from a plain shell (with `settings` exported), the
+    project's `.venv` being this test's environment (link_test_environment)."""
+    return run_command([*MAKE, *arguments], project, minimal_environment(**settings), timeout=timeout)
+
+
 def link_test_environment(project: Path) -> None:
     """Make this test's environment the project's `.venv`: a link git does not see (see MAKE)."""
     with open(project / ".git" / "info" / "exclude", "a") as exclude:

@@ -25,6 +25,7 @@ from helpers import (
     free_port,
     fresh_clone,
     link_test_environment,
+    make,
     minimal_environment,
     run_command,
     write_params,
@@ -294,13 +295,13 @@ def test_secrets_reach_the_workers_but_not_rays_state_api_dashboard_or_logs(ray_
 def test_with_the_team_stack_up_the_run_and_its_artifacts_land_on_its_server(tiny_archive, tmp_path):
     """`source .stack/env && make train-ray`: the job's run is on the stack's MLflow server (its
     PostgreSQL), its artifacts in the stack's S3 store, as `dvc repro` would log them."""
-    from test_stack import Stack, _free_ports, client_settings, make, tiny_project
+    from test_stack import Stack, _free_ports, client_settings, tiny_project
 
     project = tiny_project(tmp_path / "team", *tiny_archive, **{"train.epochs": 1})
     stack, environ = Stack(project), dict(os.environ)
     ray_temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     try:
-        make("stack-up", project, **_free_ports())
+        make(project, "stack-up", **_free_ports())
         run_command(["dvc", "repro", "preprocess"], project, stack.environment())
         # `source .stack/env`, then make (docs/scaling.md): nothing else of the project is active.
         shell = minimal_environment(**client_settings(project), RAY_TMPDIR=str(ray_temp))
@@ -316,5 +317,5 @@ def test_with_the_team_stack_up_the_run_and_its_artifacts_land_on_its_server(tin
     finally:
         os.environ.clear()
         os.environ.update(environ)  # stack.client() set the stack's credentials in this process
-        make("stack-down", project)
+        make(project, "stack-down")
         shutil.rmtree(ray_temp, ignore_errors=True)

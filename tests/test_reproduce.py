@@ -13,11 +13,11 @@ import mlflow
 import pytest
 import yaml
 from helpers import (
-    MAKE,
     commit_all,
     committed_repository,
     fresh_clone,
     link_test_environment,
+    make,
     minimal_environment,
     run_command,
     write_params,
@@ -154,12 +154,6 @@ def test_a_reference_that_names_no_model_is_refused(reference):
 TINY = {"train.epochs": 1, "train.batch_size": 16, "train.dense_units": 16}
 
 
-def _make(project: Path, *arguments: str) -> str:
-    """`make ...` typed in the project from a plain shell; its `.venv` is this test's environment
-    (linked), which make is told is up to date."""
-    return run_command([*MAKE, *arguments], project, minimal_environment())
-
-
 def _served_version(project: Path) -> str:
     return json.loads((project / "models" / "served_model.json").read_text())["version"]
 
@@ -184,7 +178,7 @@ def project(tmp_path_factory, tiny_archive) -> Path:
     write_params(root / "params.yaml", **{"fetch.url": archive.as_uri(), "fetch.md5": md5, **TINY})
     commit_all(root, "the project on the tiny archive")
     link_test_environment(root)
-    _make(root, "pipeline")
+    make(root, "pipeline")
     commit_all(root, "its outputs")
     return root
 
@@ -197,7 +191,7 @@ def test_make_reproduce_rebuilds_a_version_bit_for_bit_and_leaves_the_checkout_a
     before = _checkout_state(project)
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     versions = [str(found.version) for found in client.search_model_versions("name = 'alexnet8-cifar10'")]
-    output = _make(project, "reproduce", "MODEL=models:/alexnet8-cifar10/1")
+    output = make(project, "reproduce", "MODEL=models:/alexnet8-cifar10/1")
     print(output)  # the command's output, for the docs (pytest -s)
     assert "alexnet8-cifar10 version 1: reproduced bit for bit" in output
     assert _checkout_state(project) == before
@@ -221,7 +215,7 @@ def test_an_experiment_with_a_changed_param_is_reproduced_with_that_param(projec
     run_command(["git", "checkout", "--", "."], project)  # `exp run` leaves its params and outputs
     run_command(["dvc", "checkout"], project)
 
-    output = _make(project, "reproduce", f"MODEL=models:/alexnet8-cifar10/{version}", f"WORKSPACE={tmp_path / 'lr'}")
+    output = make(project, "reproduce", f"MODEL=models:/alexnet8-cifar10/{version}", f"WORKSPACE={tmp_path / 'lr'}")
     assert f"alexnet8-cifar10 version {version}: reproduced bit for bit" in output
     assert yaml.safe_load((tmp_path / "lr" / "params.yaml").read_text())["train"]["learning_rate"] == 0.0005
 
@@ -234,7 +228,7 @@ def test_a_run_from_a_dirty_tree_restores_its_changes_and_names_what_it_cannot(p
     run_command(["dvc", "repro"], project)
     version = _served_version(project)
 
-    output = _make(project, "reproduce", f"MODEL=models:/alexnet8-cifar10/{version}", f"WORKSPACE={tmp_path / 'dirty'}")
+    output = make(project, "reproduce", f"MODEL=models:/alexnet8-cifar10/{version}", f"WORKSPACE={tmp_path / 'dirty'}")
     assert "restored the run's uncommitted changes to src/alexnet8/train.py" in output
     assert "not restored (files git did not track in the run's checkout): notes.txt" in output
     assert (tmp_path / "dirty" / "src" / "alexnet8" / "train.py").read_text().endswith("# an uncommitted change\n")

@@ -29,13 +29,13 @@ import pytest
 import yaml
 from cifar_archive import make_cifar_archive
 from helpers import (
-    MAKE,
     activated_environment,
     commit_all,
     evaluation_run,
     fresh_clone,
     link_test_environment,
     load_script,
+    make,
     minimal_environment,
 )
 from helpers import run_command as run
@@ -77,12 +77,6 @@ def _free_ports() -> dict[str, str]:
                 "STACK_POSTGRES_PORT": str(postgres_port),
                 "STACK_S3_PORT": str(s3_port),
             }
-
-
-def make(target: str, project: Path, **settings: str) -> str:
-    """`make TARGET` typed in the project from a plain shell. The project's `.venv` is the test's
-    environment (linked), which make is told is up to date (`-o`): it is, and must not be reinstalled."""
-    return run([*MAKE, target], project, minimal_environment(**settings), timeout=600)
 
 
 def tiny_project(destination: Path, archive: Path, md5: str, **overrides: object) -> Path:
@@ -170,7 +164,7 @@ class Stack:
     def restart(self, component: str) -> None:
         """A clean stop of one server (PostgreSQL: fast shutdown), then `make stack-up`."""
         stack_script.ProcessSupervisor(self.folder).stop(component)
-        make("stack-up", self.project)
+        make(self.project, "stack-up")
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +174,12 @@ def stack(tmp_path_factory, tiny_archive) -> Stack:
     stack = Stack(project)
     try:
         started = time.monotonic()
-        output = make("stack-up", project, **_free_ports())
+        output = make(project, "stack-up", **_free_ports())
         print(f"make stack-up: {time.monotonic() - started:.1f} s\n{output}")
         yield stack
     finally:
         with contextlib.suppress(Exception):
-            make("stack-down", project)
+            make(project, "stack-down")
         for pid in stack_script.alive(stack.processes()):
             os.kill(pid, signal.SIGKILL)
 
@@ -217,11 +211,11 @@ def assert_complete(client: mlflow.MlflowClient, run, epochs: int) -> None:
 
 
 def test_stack_up_again_finds_everything_running(stack):
-    output = make("stack-up", stack.project)
+    output = make(stack.project, "stack-up")
     for component in ("postgres", "seaweedfs", "mlflow"):
         assert f"{component} is already running" in output
     assert "starting" not in output
-    assert "postgres  running" in make("stack-status", stack.project)
+    assert "postgres  running" in make(stack.project, "stack-status")
 
 
 def _secret_values(secrets: dict) -> list[bytes]:
@@ -544,7 +538,7 @@ def test_mlflow_server_killed_during_an_epoch_and_restarted(stack, faulty, tmp_p
     run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.crash("mlflow")
     time.sleep(3)
-    make("stack-up", stack.project)
+    make(stack.project, "stack-up")
     returncode, output = _finish(process, log)
     assert returncode == 0, output
     assert json.loads((faulty / "models/mlflow_run.json").read_text())["run_id"] == run_id
@@ -580,7 +574,7 @@ def test_postgres_down_at_the_end_of_training_is_waited_for(stack, faulty, tmp_p
     run_id = _wait_for_epoch_logged(stack, faulty, process, log, epoch=1)
     stack.crash("postgres")
     _wait_for_output(process, log, r"does not answer \(HTTP 503 .* reads its database\): waiting up to 30 s for it")
-    make("stack-up", stack.project)
+    make(stack.project, "stack-up")
     returncode, output = _finish(process, log)
     assert returncode == 0, output
     client = stack.client()
@@ -610,7 +604,7 @@ def test_object_store_down_when_the_model_is_logged_then_the_rerun_logs_it(stack
     assert client.get_run(run_id).info.status == "FINISHED"  # the training is complete
     assert evaluation_run(client, run_id).info.status == "FAILED"
 
-    make("stack-up", stack.project)
+    make(stack.project, "stack-up")
     rerun = run(["dvc", "repro"], faulty, stack.environment())
     assert "Running stage 'train'" not in rerun and "Running stage 'evaluate'" in rerun, rerun
     assert json.loads((faulty / "models/mlflow_run.json").read_text())["run_id"] == run_id
@@ -705,7 +699,7 @@ def test_stack_down_leaves_nothing_running_and_up_finds_the_state_again(stack, r
     password = client_settings(stack.project)["MLFLOW_TRACKING_PASSWORD"]
     processes = stack.processes()
     assert len(processes) > 3
-    make("stack-down", stack.project)
+    make(stack.project, "stack-down")
     assert stack_script.alive(processes) == []
     assert not list(stack.folder.glob("*.pid"))
     status = subprocess.run(
@@ -716,11 +710,11 @@ def test_stack_down_leaves_nothing_running_and_up_finds_the_state_again(stack, r
         text=True,
     )
     assert status.returncode != 0 and "mlflow    not running" in status.stdout + status.stderr
-    make("stack-up", stack.project)
+    make(stack.project, "stack-up")
     assert client_settings(stack.project)["MLFLOW_TRACKING_PASSWORD"] == password
     assert stack.client().get_run(repro).info.status == "FINISHED"  # the database kept it
     assert stack.client().list_artifacts(repro, "provenance")  # and the object store its artifacts
     processes = stack.processes()
-    make("stack-down", stack.project)
+    make(stack.project, "stack-down")
     assert stack_script.alive(processes) == []
-    make("stack-up", stack.project)  # as the test found it, for any test after this one
+    make(stack.project, "stack-up")  # as the test found it, for any test after this one
