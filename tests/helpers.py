@@ -37,10 +37,12 @@ def minimal_environment(**extra: str) -> dict[str, str]:
     return {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8", **extra}
 
 
-def activated_environment(**extra: str) -> dict[str, str]:
-    """`minimal_environment` after `source .venv/bin/activate`, as the README tells users to do
-    before running `dvc` and `mlflow` themselves. The environment is the one running the tests."""
-    environment = sys.prefix
+def activated_environment(project: Path | None = None, **extra: str) -> dict[str, str]:
+    """`minimal_environment` after `source .venv/bin/activate` in `project`, as the README tells
+    users to do before running `dvc` and `mlflow` themselves (only for those). Without `project`,
+    the environment running the tests (this checkout's `.venv` under `make test`)."""
+    environment = str(project / ".venv") if project else sys.prefix
+    assert Path(environment, "bin", "activate").exists(), f"{environment}: no environment (link_test_environment)"
     return minimal_environment(VIRTUAL_ENV=environment, **extra) | {"PATH": f"{environment}/bin:{SYSTEM_PATH}"}
 
 

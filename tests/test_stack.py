@@ -113,7 +113,7 @@ class Stack:
 
     def environment(self, **extra: str) -> dict[str, str]:
         """A shell after `source .venv/bin/activate` and `source .stack/env`."""
-        return activated_environment(**(client_settings(self.project) | extra))
+        return activated_environment(self.project, **(client_settings(self.project) | extra))
 
     def client(self) -> mlflow.MlflowClient:
         """A client of the server, with the credentials of .stack/env (set in this process)."""
