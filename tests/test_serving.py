@@ -24,6 +24,7 @@ falls short (the model never sees the request), the test is a strict xfail namin
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import json
 import os
@@ -368,6 +369,8 @@ def test_a_bad_request_gets_a_short_4xx_and_the_server_goes_on(server, test_imag
 
 def test_the_server_still_answers_after_all_the_bad_requests(server, served_in_process, test_images):
     for body, content_type, _, _ in BAD_REQUESTS.values():  # sent here too: this test needs no other
-        server.post(body(), content_type=content_type)
+        # The server may close the connection before an oversized body is sent whole.
+        with contextlib.suppress(requests.ConnectionError):
+            server.post(body(), content_type=content_type)
     expected_classes, _ = in_process(served_in_process, test_images)
     assert [row["class"] for row in server.predict({"inputs": test_images.tolist()})] == expected_classes
